@@ -8,6 +8,7 @@
 //! This crate knows nothing of WebSocket, HTTP, JSON-RPC framing towards clients or JWT.
 
 pub mod agent_client;
+pub mod process;
 
 pub use agent_client::{AgentClient, AgentError};
 
