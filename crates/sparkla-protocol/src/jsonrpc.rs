@@ -92,7 +92,10 @@ impl ErrorObject {
         Self::new(ErrorCode::PARSE_ERROR, format!("Parse error: {detail}"))
     }
     pub fn invalid_request(detail: impl fmt::Display) -> Self {
-        Self::new(ErrorCode::INVALID_REQUEST, format!("Invalid request: {detail}"))
+        Self::new(
+            ErrorCode::INVALID_REQUEST,
+            format!("Invalid request: {detail}"),
+        )
     }
     /// `Method not found: "x"`, Executa's wording.
     pub fn method_not_found(method: &str) -> Self {
@@ -103,7 +106,10 @@ impl ErrorObject {
     }
     /// `Invalid params: "node" is missing`, Executa's wording.
     pub fn invalid_params(detail: impl fmt::Display) -> Self {
-        Self::new(ErrorCode::INVALID_PARAMS, format!("Invalid params: {detail}"))
+        Self::new(
+            ErrorCode::INVALID_PARAMS,
+            format!("Invalid params: {detail}"),
+        )
     }
     pub fn server_error(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::SERVER_ERROR, message)
@@ -172,7 +178,10 @@ impl Request {
         match map.get("method") {
             Some(Value::String(_)) => {}
             Some(_) => {
-                return Err((id, ErrorObject::invalid_request("\"method\" must be a string")))
+                return Err((
+                    id,
+                    ErrorObject::invalid_request("\"method\" must be a string"),
+                ))
             }
             None => return Err((id, ErrorObject::invalid_request("\"method\" is missing"))),
         }
@@ -282,8 +291,8 @@ mod tests {
     #[test]
     fn ids_are_echoed_unchanged() {
         for id in [json!("re1"), json!(42), json!(1.5)] {
-            let req = Request::parse(&json!({"jsonrpc":"2.0","id":id,"method":"x"}).to_string())
-                .unwrap();
+            let req =
+                Request::parse(&json!({"jsonrpc":"2.0","id":id,"method":"x"}).to_string()).unwrap();
             let resp = Response::ok(req.id.unwrap(), json!(true));
             assert_eq!(serde_json::to_value(&resp).unwrap()["id"], id);
         }
