@@ -8,9 +8,13 @@
 //! This crate knows nothing of WebSocket, HTTP, JSON-RPC framing towards clients or JWT.
 
 pub mod agent_client;
+pub mod cgroup;
 pub mod process;
+pub mod sandbox;
 
 pub use agent_client::{AgentClient, AgentError};
+pub use sandbox::pool::{Pool, PoolConfig};
+pub use sandbox::validate_mounts;
 
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -57,7 +61,9 @@ pub struct InstanceSpec {
 pub enum InstanceState {
     Running,
     /// The instance ended; `reason` says how (exit status, signal, container state).
-    Exited { reason: String },
+    Exited {
+        reason: String,
+    },
 }
 
 /// What a sweep of leftovers reclaimed.
@@ -74,7 +80,10 @@ pub struct SweepReport {
 pub enum RuntimeError {
     /// The runtime cannot work on this host (e.g. Docker unreachable, no user namespaces).
     #[error("{runtime} runtime is unavailable: {reason}")]
-    Unavailable { runtime: &'static str, reason: String },
+    Unavailable {
+        runtime: &'static str,
+        reason: String,
+    },
     /// The session's environment does not exist or cannot be used.
     #[error("environment {name:?} is not available: {reason}")]
     Environment { name: String, reason: String },
@@ -140,6 +149,13 @@ pub trait Instance: Send + Sync {
 
     /// How many times the kernel's OOM killer acted inside this instance so far.
     async fn oom_kills(&self) -> u64;
+
+    /// Change the cpu, memory and pids limits of the running instance (not scratch size).
+    /// `Ok(false)` if this runtime cannot (the default); used by [`Pool`] to hand out warm
+    /// instances to sessions with their own limits.
+    async fn set_limits(&self, _limits: &Limits) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
 
     /// Kill everything in the instance and reclaim every resource it took.
     async fn stop(&mut self) -> Result<(), RuntimeError>;
