@@ -9,6 +9,7 @@
 
 pub mod agent_client;
 pub mod cgroup;
+pub mod docker;
 pub mod process;
 pub mod sandbox;
 
