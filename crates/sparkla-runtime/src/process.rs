@@ -112,10 +112,9 @@ impl Runtime for ProcessRuntime {
             .collect();
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = self.base.join(format!(
-            "{DIR_PREFIX}{safe}-{}-{seq}",
-            std::process::id()
-        ));
+        let dir = self
+            .base
+            .join(format!("{DIR_PREFIX}{safe}-{}-{seq}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
         let mut cmd = Command::new(&self.agent);
@@ -316,7 +315,11 @@ mod tests {
         };
         assert_eq!(dirs(), 1, "one working directory");
         // SAFETY: signal 0 only checks for existence.
-        assert_eq!(unsafe { libc::kill(-pgid, 0) }, 0, "process group is running");
+        assert_eq!(
+            unsafe { libc::kill(-pgid, 0) },
+            0,
+            "process group is running"
+        );
         inst.stop().await.unwrap();
         // SAFETY: signal 0 only checks for existence.
         assert_ne!(unsafe { libc::kill(-pgid, 0) }, 0, "process group is gone");
