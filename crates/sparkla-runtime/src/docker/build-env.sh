@@ -34,7 +34,7 @@ done
 # ---- the recipe (pinned) ---------------------------------------------------------------
 SUITE=bookworm
 VARIANT=minbase
-PACKAGES="bash,ca-certificates,python3,python3-numpy,python3-pandas,python3-matplotlib,nodejs"
+PACKAGES="bash,ca-certificates,procps,python3,python3-numpy,python3-pandas,python3-matplotlib,nodejs"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1735689600}" # 2025-01-01T00:00:00Z
 UID_GID=1000
 

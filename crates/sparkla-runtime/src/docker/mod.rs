@@ -27,7 +27,8 @@ use crate::{
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, Mount as DockerMount, MountType,
+    ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, HostConfig,
+    Mount as DockerMount, MountType,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -461,6 +462,7 @@ impl Runtime for DockerRuntime {
         Ok(Box::new(DockerInstance {
             docker: self.docker.clone(),
             host: self.host.clone(),
+            default_limits: self.config.default_limits.clone(),
             session_id: spec.session_id,
             id,
             stream: std::sync::Mutex::new(Some((read, write))),
@@ -561,6 +563,7 @@ fn remove_blocking(host: &str, id: &str) {
 pub struct DockerInstance {
     docker: Docker,
     host: String,
+    default_limits: Limits,
     session_id: String,
     id: String,
     /// In a mutex only to make the instance `Sync`.
@@ -653,6 +656,29 @@ impl Instance for DockerInstance {
             Ok(info) => info.state.and_then(|s| s.oom_killed).unwrap_or(false) as u64,
             Err(_) => 0,
         }
+    }
+
+    async fn set_limits(&self, limits: &Limits) -> Result<bool, RuntimeError> {
+        let d = &self.default_limits;
+        let memory = limits.memory_bytes.or(d.memory_bytes).map(|m| m as i64);
+        let update = ContainerUpdateBody {
+            memory,
+            memory_swap: memory,
+            nano_cpus: limits
+                .cpu_cores
+                .or(d.cpu_cores)
+                .map(|c| (c * 1e9).round() as i64),
+            pids_limit: limits.pids.or(d.pids).map(|p| p as i64),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(&self.id, update)
+            .await
+            .map_err(|e| RuntimeError::Io {
+                context: format!("updating the limits of container {}", self.id),
+                source: std::io::Error::other(e),
+            })?;
+        Ok(true)
     }
 
     async fn stop(&mut self) -> Result<(), RuntimeError> {
