@@ -3,7 +3,11 @@
 //! clients on one port.
 
 pub mod config;
+pub mod edge;
 pub mod manager;
+pub mod runtimes;
 
 pub use config::Config;
+pub use edge::{manager_for, Server};
 pub use manager::{ClientInfo, ManagerConfig, ManagerError, SessionManager};
+pub use runtimes::runtime_for;

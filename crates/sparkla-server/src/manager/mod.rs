@@ -17,7 +17,11 @@ pub mod names;
 use serde_json::{json, Map, Value};
 use sparkla_protocol::nodes::node_type;
 use sparkla_protocol::{CodeError, SessionStatus, SoftwareSession};
-use sparkla_runtime::{AgentClient, AgentError, Instance, InstanceSpec, Limits, Mount, Runtime};
+use sparkla_runtime::sandbox::pool::start_ready;
+use sparkla_runtime::{
+    validate_mounts, AgentClient, AgentError, Instance, InstanceSpec, Limits, Mount, Pool, Runtime,
+    RuntimeError,
+};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,6 +201,7 @@ struct Totals {
 
 struct Inner {
     runtime: Arc<dyn Runtime>,
+    pool: Option<Pool>,
     config: ManagerConfig,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     clients: Mutex<HashMap<String, Client>>,
@@ -237,6 +242,7 @@ impl SessionManager {
         Self {
             inner: Arc::new(Inner {
                 runtime,
+                pool: None,
                 config,
                 sessions: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
@@ -247,6 +253,18 @@ impl SessionManager {
                 job_seq: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// A manager that hands out warm instances from `pool` (over the same runtime).
+    pub fn with_pool(runtime: Arc<dyn Runtime>, config: ManagerConfig, pool: Pool) -> Self {
+        let mut m = Self::new(runtime, config);
+        Arc::get_mut(&mut m.inner).expect("new manager").pool = Some(pool);
+        m
+    }
+
+    /// Ready instances waiting in the warm pool.
+    pub fn pool_idle(&self) -> usize {
+        self.inner.pool.as_ref().map_or(0, Pool::idle)
     }
 
     pub fn runtime_name(&self) -> &'static str {
@@ -620,7 +638,7 @@ impl SessionManager {
     }
 
     fn validate_mounts(&self, session: &SoftwareSession) -> Result<Vec<Mount>, ManagerError> {
-        let mut out = Vec::new();
+        let mut requested = Vec::new();
         for m in session.volume_mounts.as_deref().unwrap_or_default() {
             let Some(source) = m.mount_source.as_deref() else {
                 return Err(ManagerError::Capability(format!(
@@ -628,35 +646,16 @@ impl SessionManager {
                     m.mount_destination
                 )));
             };
-            let canonical = std::fs::canonicalize(source).map_err(|e| {
-                ManagerError::Capability(format!(
-                    "Volume mount source {source:?} is not available: {e}"
-                ))
-            })?;
-            let allowed = self
-                .inner
-                .config
-                .mount_allow
-                .iter()
-                .any(|a| std::fs::canonicalize(a).is_ok_and(|a| canonical.starts_with(a)));
-            if !allowed {
-                return Err(ManagerError::Capability(format!(
-                    "Volume mount source {source:?} is not in the server's allow-list"
-                )));
-            }
-            if !m.mount_destination.starts_with('/') || m.mount_destination.contains("..") {
-                return Err(ManagerError::InvalidParams(format!(
-                    "Volume mount destination {:?} must be an absolute path without ..",
-                    m.mount_destination
-                )));
-            }
-            out.push(Mount {
-                source: canonical,
+            requested.push(Mount {
+                source: source.into(),
                 destination: m.mount_destination.clone().into(),
                 read_only: m.read_only(),
             });
         }
-        Ok(out)
+        validate_mounts(&requested, &self.inner.config.mount_allow).map_err(|e| match e {
+            RuntimeError::Refused(msg) => ManagerError::Capability(msg),
+            other => ManagerError::InvalidParams(other.to_string()),
+        })
     }
 
     /// Start (or restart) the session's instance and wait for its agent.
@@ -665,31 +664,19 @@ impl SessionManager {
         if let Some(mut old) = slot.take() {
             let _ = old.stop().await;
         }
-        let mut instance = self
-            .inner
-            .runtime
-            .start(s.spec.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some((r, w)) = instance.take_stream() else {
-            let _ = instance.stop().await;
-            return Err("the runtime gave no stream to the agent".into());
+        let started = match &self.inner.pool {
+            Some(pool) => pool.begin(s.spec.clone()).await,
+            None => {
+                start_ready(
+                    self.inner.runtime.as_ref(),
+                    s.spec.clone(),
+                    self.inner.config.start_timeout,
+                )
+                .await
+            }
         };
-        let agent = Arc::new(AgentClient::new(r, w));
-        match tokio::time::timeout(self.inner.config.start_timeout, agent.ready()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                let _ = instance.stop().await;
-                return Err(e.to_string());
-            }
-            Err(_) => {
-                let _ = instance.stop().await;
-                return Err(format!(
-                    "the agent was not ready within {:?}",
-                    self.inner.config.start_timeout
-                ));
-            }
-        }
+        let (instance, agent) = started.map_err(|e| e.to_string())?;
+        let agent = Arc::new(agent);
         *slot = Some(instance);
         drop(slot);
         let generation = s.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1125,6 +1112,9 @@ impl SessionManager {
             });
         }
         while set.join_next().await.is_some() {}
+        if let Some(pool) = &self.inner.pool {
+            pool.shutdown().await;
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
