@@ -220,10 +220,12 @@ impl Cgroups {
             match fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(unavailable(format!(
+                Err(e) => {
+                    return Err(unavailable(format!(
                     "cannot create cgroup {}: {e} (the sandbox needs root, or a delegated cgroup)",
                     dir.display()
-                ))),
+                )))
+                }
             }
             parents.push((ctrl.to_string(), dir));
         }

@@ -127,7 +127,10 @@ async fn cannot_see_or_signal_host_processes() {
         "sandbox sees many processes: {pids:?}"
     );
     assert!(!out.contains("SIGNALLED"), "{out}");
-    assert!(out.contains("pid1=bash"), "the sandbox's own init is not PID 1: {out}");
+    assert!(
+        out.contains("pid1=bash"),
+        "the sandbox's own init is not PID 1: {out}"
+    );
     // The cgroup namespace hides the host's cgroup paths.
     assert!(!out.contains("sparkla-test"), "{out}");
     t.assert_no_leaks().await;
@@ -154,8 +157,14 @@ async fn cannot_reach_host_loopback() {
     let (code, out) = sh_in(&t.rt, spec("esc-net"), &script).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("done"), "{out}");
-    assert!(!out.contains("CONNECTED"), "reached the host listener: {out}");
-    assert!(listener.accept().is_err(), "the host listener accepted a connection");
+    assert!(
+        !out.contains("CONNECTED"),
+        "reached the host listener: {out}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the host listener accepted a connection"
+    );
     assert!(
         out.lines().any(|l| l.trim() == "lo:"),
         "interfaces other than lo: {out}"
@@ -168,9 +177,15 @@ async fn cannot_reach_host_loopback() {
         s.network = true;
         let (code, out) = sh_in(&t.rt, s, &script).await;
         assert_eq!(code, 0, "{out}");
-        assert!(!out.contains("CONNECTED"), "network session reached host loopback: {out}");
+        assert!(
+            !out.contains("CONNECTED"),
+            "network session reached host loopback: {out}"
+        );
         assert!(out.contains("tap0"), "no tap0 with network allowed: {out}");
-        assert!(listener.accept().is_err(), "the host listener accepted a connection");
+        assert!(
+            listener.accept().is_err(),
+            "the host listener accepted a connection"
+        );
     } else {
         eprintln!("SKIPPED (part): network-allowed case: slirp4netns is not installed");
     }
@@ -225,8 +240,16 @@ EOF
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("python-done") && out.contains("done"), "{out}");
     for bad in [
-        "MOUNTED", "USERNS", "PTRACE", "UNSHARE", "SYSCALL", "DMESG", "KMSG", "CGROUPFS",
-        "SYSCTL", "SETHOSTNAME",
+        "MOUNTED",
+        "USERNS",
+        "PTRACE",
+        "UNSHARE",
+        "SYSCALL",
+        "DMESG",
+        "KMSG",
+        "CGROUPFS",
+        "SYSCTL",
+        "SETHOSTNAME",
     ] {
         assert!(!out.contains(bad), "{bad}: {out}");
     }
@@ -257,7 +280,9 @@ async fn sessions_are_isolated_from_each_other() {
         .unwrap();
     let (mut ra, _wa) = a.take_stream().unwrap();
     let mut buf = [0u8; 6];
-    tokio::io::AsyncReadExt::read_exact(&mut ra, &mut buf).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut ra, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(&buf, b"ready\n");
     let (code, out) = sh_in(
         &t.rt,
@@ -289,9 +314,8 @@ async fn memory_limit_fails_in_the_session_only() {
         memory_bytes: Some(256 << 20),
         ..Default::default()
     };
-    let mut neighbour = t
-        .rt
-        .start_command(
+    let mut neighbour =
+        t.rt.start_command(
             spec("lim-mem-neighbour"),
             vec!["/bin/sleep".into(), "1000".into()],
         )
@@ -304,7 +328,10 @@ async fn memory_limit_fails_in_the_session_only() {
     )
     .await;
     assert_eq!(code, 0, "{out}");
-    assert!(!out.contains("ALLOCATED"), "1 GiB allocated under 256 MiB: {out}");
+    assert!(
+        !out.contains("ALLOCATED"),
+        "1 GiB allocated under 256 MiB: {out}"
+    );
     let oom = inst.oom_kills().await;
     assert!(
         oom > 0 || out.contains("MemoryError"),
@@ -320,7 +347,12 @@ async fn memory_limit_fails_in_the_session_only() {
         "the neighbour session died"
     );
     neighbour.stop().await.unwrap();
-    let (code, out) = sh_in(&t.rt, spec("lim-mem-after"), "/usr/bin/python3 -c 'print(1+1)'").await;
+    let (code, out) = sh_in(
+        &t.rt,
+        spec("lim-mem-after"),
+        "/usr/bin/python3 -c 'print(1+1)'",
+    )
+    .await;
     assert_eq!((code, out.trim()), (0, "2"));
     t.assert_no_leaks().await;
     t.cleanup();
@@ -335,9 +367,8 @@ async fn fork_bomb_is_contained() {
     let t = sandbox("lim-fork", 8);
     let mut s = spec("lim-fork");
     s.limits.pids = Some(128);
-    let mut inst = t
-        .rt
-        .start_command(
+    let mut inst =
+        t.rt.start_command(
             s,
             vec![
                 "/bin/bash".into(),
@@ -352,14 +383,23 @@ async fn fork_bomb_is_contained() {
     let mut host_spawns = 0;
     let mut max_pids = 0;
     while started.elapsed() < Duration::from_secs(3) {
-        let ok = std::process::Command::new("/bin/true").status().unwrap().success();
+        let ok = std::process::Command::new("/bin/true")
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "the host could not spawn a process");
         host_spawns += 1;
         max_pids = max_pids.max(inst.cgroup().pids().len());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(host_spawns > 10, "host spawned only {host_spawns} processes in 3 s");
-    assert!(max_pids > 50, "the fork bomb did not run ({max_pids} processes)");
+    assert!(
+        host_spawns > 10,
+        "host spawned only {host_spawns} processes in 3 s"
+    );
+    assert!(
+        max_pids > 50,
+        "the fork bomb did not run ({max_pids} processes)"
+    );
     assert!(max_pids <= 128, "the pids limit did not hold: {max_pids}");
     let stop_started = Instant::now();
     inst.stop().await.unwrap();
@@ -380,9 +420,8 @@ async fn cpu_quota_holds() {
     let t = sandbox("lim-cpu", 9);
     let mut s = spec("lim-cpu");
     s.limits.cpu_cores = Some(0.25);
-    let mut inst = t
-        .rt
-        .start_command(
+    let mut inst =
+        t.rt.start_command(
             s,
             vec![
                 "/bin/bash".into(),
@@ -403,7 +442,10 @@ async fn cpu_quota_holds() {
     let used = inst.cgroup().cpu_usage_usec().unwrap() - u0;
     let wall = t0.elapsed().as_micros() as f64;
     let share = used as f64 / wall;
-    eprintln!("cpu quota 0.25: measured {share:.3} cores over {:.1} s", wall / 1e6);
+    eprintln!(
+        "cpu quota 0.25: measured {share:.3} cores over {:.1} s",
+        wall / 1e6
+    );
     assert!(
         (0.15..=0.35).contains(&share),
         "a busy loop under a 0.25-core quota used {share:.3} cores"
@@ -436,7 +478,10 @@ async fn disk_write_stops_at_the_bound() {
         .and_then(|s| s.trim().parse().ok())
         .expect("size");
     assert!(size <= 1 << 30, "wrote {size} bytes past the 1 GiB bound");
-    assert!(size > 900 << 20, "the bound is much smaller than 1 GiB: {size}");
+    assert!(
+        size > 900 << 20,
+        "the bound is much smaller than 1 GiB: {size}"
+    );
     // Home shares the bound with /tmp.
     assert_eq!(out.lines().last().unwrap().trim(), "1", "{out}");
     t.assert_no_leaks().await;

@@ -182,7 +182,7 @@ fn reject_x32(prog: &mut BpfProgram) {
     if std::env::consts::ARCH != "x86_64" {
         return;
     }
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
     const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
     const BPF_RET_K: u16 = 0x06;
     let ins = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };

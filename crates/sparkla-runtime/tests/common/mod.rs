@@ -158,7 +158,10 @@ impl TestSandbox {
             }
         }
         let root = self.state_dir.join("root");
-        if std::fs::read_dir(&root).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        if std::fs::read_dir(&root)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+        {
             leaks.push(format!("{} is not empty on the host", root.display()));
         }
         // Sessions mount only in their private mount namespaces: nothing of theirs may
