@@ -74,8 +74,12 @@ impl Kernel {
         let (errp_r, errp_w) = sys::pipe().map_err(|e| err("pipe", e))?;
         let (req_fd, msg_fd) = (req_r.as_raw_fd(), msg_w.as_raw_fd());
         let mut cmd = Command::new(&interpreter);
+        let stdin = match lang {
+            Lang::Bash => Stdio::from(req_r.try_clone().map_err(|e| err("dup", e))?),
+            _ => Stdio::null(),
+        };
         cmd.args(lang.args())
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::from(OwnedFd::from(out_w)))
             .stderr(Stdio::from(OwnedFd::from(errp_w)));
         if std::env::var_os("MPLBACKEND").is_none() {
@@ -122,6 +126,13 @@ impl Kernel {
             pending: Vec::new(),
             utf8: [Utf8Carry::default(), Utf8Carry::default()],
         };
+        if lang == Lang::Bash {
+            let script = lang.script().unwrap_or_default();
+            if let Err(e) = kernel.requests.write_all(format!("{script}\n").as_bytes()) {
+                kernel.kill();
+                return Err(format!("bash kernel failed to start: {e}"));
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut startup = Vec::new();
         loop {
@@ -154,22 +165,15 @@ impl Kernel {
         self.executions += 1;
         let line = match self.lang {
             Lang::Bash => {
-                let mut s = String::with_capacity(req.code.len() + 8);
                 let code = if req.expression {
                     req.code.trim()
                 } else {
                     req.code
                 };
-                for c in code.chars() {
-                    match c {
-                        '\\' => s.push_str("\\\\"),
-                        '\n' => s.push_str("\\n"),
-                        '\0' => {}
-                        c => s.push(c),
-                    }
-                }
-                s.push('\n');
-                s
+                format!(
+                    "__sparkla_code={}; __sparkla_begin; eval \"$__sparkla_code\" </dev/null 4>&-; __sparkla_end $?\n",
+                    ansi_c_quote(code)
+                )
             }
             _ => {
                 let mode = if req.expression {
@@ -348,6 +352,27 @@ impl Drop for Kernel {
     }
 }
 
+/// Quote text for bash as `$'...'`, so that it survives on one line exactly.
+fn ansi_c_quote(text: &str) -> String {
+    let mut s = String::with_capacity(text.len() + 8);
+    s.push_str("$'");
+    for c in text.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '\'' => s.push_str("\\'"),
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            '\0' => {}
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                s.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => s.push(c),
+        }
+    }
+    s.push('\'');
+    s
+}
+
 /// Decodes a byte stream as UTF-8, keeping a character split across reads whole and
 /// replacing invalid bytes with U+FFFD.
 #[derive(Default)]
@@ -391,6 +416,14 @@ impl Utf8Carry {
 #[cfg(test)]
 mod tests {
     use super::Utf8Carry;
+
+    #[test]
+    fn ansi_c_quoting() {
+        assert_eq!(
+            super::ansi_c_quote("a'b\\c\nd\te"),
+            "$'a\\'b\\\\c\\nd\\x09e'"
+        );
+    }
 
     #[test]
     fn utf8_split_across_reads_and_invalid_bytes() {

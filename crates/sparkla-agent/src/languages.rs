@@ -67,7 +67,8 @@ impl Lang {
         let script = self.script().unwrap_or_default();
         match self {
             Lang::Python => vec!["-c", script],
-            Lang::Bash => vec!["--norc", "--noprofile", "-c", script],
+            // Bash reads its script (the kernel, then one line per request) from stdin.
+            Lang::Bash => vec!["--norc", "--noprofile", "-s"],
             Lang::JavaScript => vec!["-e", script],
             Lang::R => vec![],
         }

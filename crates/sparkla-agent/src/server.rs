@@ -295,22 +295,7 @@ impl Agent {
             return Ok(Value::Bool(false));
         };
         state.cancelled.store(true, Ordering::SeqCst);
-        let pgid = state.pgid.load(Ordering::SeqCst);
-        if pgid > 0 {
-            sys::kill_group(pgid, libc::SIGINT);
-            // Escalate if the interrupt is not enough (a busy loop in C, a trapped signal).
-            std::thread::spawn(move || {
-                for signal in [libc::SIGTERM, libc::SIGKILL] {
-                    std::thread::sleep(Duration::from_secs(2));
-                    if state.done.load(Ordering::SeqCst)
-                        || state.pgid.load(Ordering::SeqCst) != pgid
-                    {
-                        return;
-                    }
-                    sys::kill_group(pgid, signal);
-                }
-            });
-        }
+        interrupt(state);
         Ok(Value::Bool(true))
     }
 
@@ -379,6 +364,26 @@ impl Agent {
     }
 }
 
+/// Interrupt a cancelled job if it is running: SIGINT to its kernel's process group, then
+/// SIGTERM and SIGKILL two seconds apart if it has not finished (a busy loop in C code, a
+/// signal the code traps).
+fn interrupt(state: Arc<JobState>) {
+    let pgid = state.pgid.load(Ordering::SeqCst);
+    if pgid <= 0 {
+        return; // queued or starting: the worker checks `cancelled` before running it
+    }
+    sys::kill_group(pgid, libc::SIGINT);
+    std::thread::spawn(move || {
+        for signal in [libc::SIGTERM, libc::SIGKILL] {
+            std::thread::sleep(Duration::from_secs(2));
+            if state.done.load(Ordering::SeqCst) || state.pgid.load(Ordering::SeqCst) != pgid {
+                return;
+            }
+            sys::kill_group(pgid, signal);
+        }
+    });
+}
+
 struct Worker {
     lang: Lang,
     kernel: Option<Kernel>,
@@ -444,7 +449,7 @@ impl Worker {
         node: Value,
         expression: bool,
         limit: usize,
-        state: &JobState,
+        state: &Arc<JobState>,
     ) -> Value {
         let started = Instant::now();
         let lang = self.lang.name();
@@ -476,9 +481,23 @@ impl Worker {
                     );
                 }
             };
+            if state.cancelled.load(Ordering::SeqCst) {
+                // Cancelled while its kernel was starting.
+                let err = CodeError::new(
+                    "Cancelled",
+                    format!("Job \"{job}\" was cancelled before it started"),
+                );
+                return finish(
+                    node,
+                    expression,
+                    Vec::new(),
+                    vec![err],
+                    started.elapsed().as_secs_f64(),
+                );
+            }
             state.pgid.store(kernel.pid, Ordering::SeqCst);
             if state.cancelled.load(Ordering::SeqCst) {
-                sys::kill_group(kernel.pid, libc::SIGINT);
+                interrupt(state.clone()); // cancelled between the check above and now
             }
             let req = kernel::Request {
                 code: &code,

@@ -3,6 +3,7 @@
 // messages on fd 4, one JSON object per line.
 'use strict';
 const fs = require('fs');
+const net = require('net');
 const vm = require('vm');
 const util = require('util');
 const readline = require('readline');
@@ -102,7 +103,10 @@ async function execute(req) {
   }
 }
 
-const input = readline.createInterface({ input: fs.createReadStream(null, { fd: 3 }), crlfDelay: Infinity });
+// Requests are read through libuv's event loop (net.Socket), not a thread-pool read: a
+// pending blocking read would keep process.exit() from ever finishing.
+const requests = new net.Socket({ fd: 3, readable: true, writable: false });
+const input = readline.createInterface({ input: requests, crlfDelay: Infinity });
 let queue = Promise.resolve();
 input.on('line', (line) => {
   let req;
