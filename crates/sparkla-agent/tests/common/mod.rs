@@ -113,6 +113,14 @@ impl AgentProc {
         }
     }
 
+    /// The next message of any kind (notifications included), in arrival order.
+    pub fn next_response_or_notification(&mut self) -> Value {
+        if !self.responses.is_empty() {
+            return self.responses.remove(0);
+        }
+        self.lines.recv_timeout(TIMEOUT).expect("a message from the agent")
+    }
+
     /// Wait for the response to request `id`.
     pub fn response(&mut self, id: u64) -> Value {
         if let Some(i) = self.responses.iter().position(|r| r["id"] == id) {
