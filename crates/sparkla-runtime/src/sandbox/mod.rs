@@ -342,7 +342,11 @@ impl SandboxRuntime {
         };
         let json = serde_json::to_string(&launch).expect("spec serialises");
 
+        // If this future is dropped while the launcher starts (e.g. a pool refill aborted),
+        // the guard reclaims the cgroup and with it every process already in it.
+        let guard = CgroupGuard(Some(cgroup));
         let result = self.spawn(&id, &json).await;
+        let cgroup = guard.disarm();
         match result {
             Ok((child, stream, agent_pid, tail)) => Ok(SandboxInstance {
                 session_id: id,
@@ -557,6 +561,24 @@ impl Runtime for SandboxRuntime {
             processes: report.processes + processes,
             ..report
         })
+    }
+}
+
+struct CgroupGuard(Option<Cgroup>);
+
+impl CgroupGuard {
+    fn disarm(mut self) -> Cgroup {
+        self.0.take().expect("armed guard")
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            if let Err(e) = cg.remove(Duration::from_secs(5)) {
+                tracing::warn!(error = %e, "reclaiming the cgroup of an abandoned start");
+            }
+        }
     }
 }
 
