@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build Sparkla's default Docker environment image without any registry:
 # a Debian root filesystem from mmdebstrap (pinned suite and package list),
-# `docker import`ed and tagged. Prints the image ID (its content digest).
+# `docker import`ed and tagged. Prints the image ID and the layer digest (the sha256 of
+# the root filesystem tarball, reproducible with SOURCE_DATE_EPOCH and the same mirror).
 #
 # Usage: build-docker-env.sh [--force] [--tag TAG]
 # Environment:
@@ -12,7 +13,7 @@
 #   SPARKLA_CACHE_DIR      cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/sparkla)
 #   SOURCE_DATE_EPOCH      timestamp of every file in the image (default fixed below)
 #
-# Caching: the recipe (this script's text, suite, mirror, package list) is hashed. If an
+# Caching: the recipe (suite, mirror, package list, the mmdebstrap and import commands) is hashed. If an
 # image with that recipe hash (label org.sparkla.recipe) exists under the tag, nothing is
 # done. Otherwise a cached root filesystem tarball with that hash is imported if present,
 # else one is built (and downloaded .debs are kept in the cache for the next recipe).
@@ -61,27 +62,8 @@ MIRROR="${SPARKLA_DEBIAN_MIRROR:-$(find_mirror)}"
 
 CACHE="${SPARKLA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sparkla}/env"
 mkdir -p "$CACHE/debs"
-RECIPE_HASH=$( { cat "$0"; echo "$SUITE $VARIANT $PACKAGES $MIRROR $SOURCE_DATE_EPOCH $UID_GID"; } | sha256sum | cut -c1-16)
-TARBALL="$CACHE/docker-$SUITE-$RECIPE_HASH.tar"
-RECORD="$CACHE/$(echo "$TAG" | tr '/:' '__').json"
-
-command -v docker >/dev/null || { echo "error: docker CLI not found" >&2; exit 1; }
-docker info >/dev/null 2>&1 || { echo "error: Docker engine not reachable (DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock})" >&2; exit 1; }
-
-existing=$(docker image inspect --format '{{index .Config.Labels "org.sparkla.recipe"}}' "$TAG" 2>/dev/null || true)
-if [ "$FORCE" = 0 ] && [ "$existing" = "$RECIPE_HASH" ]; then
-  id=$(docker image inspect --format '{{.Id}}' "$TAG")
-  echo "up to date: $TAG (recipe $RECIPE_HASH) image $id"
-  exit 0
-fi
-
-start=$(date +%s)
-if [ "$FORCE" = 1 ] || [ ! -s "$TARBALL" ]; then
-  command -v mmdebstrap >/dev/null || { echo "error: mmdebstrap not found (apt-get install mmdebstrap)" >&2; exit 1; }
-  echo "building $SUITE root filesystem from $MIRROR (recipe $RECIPE_HASH) ..."
-  MODE=root; [ "$(id -u)" = 0 ] || MODE=unshare
-  tmp="$TARBALL.tmp.$$"
-  trap 'rm -rf "$tmp"' EXIT
+# The root filesystem (into the tar file "$1") and the image: both are part of the recipe hash.
+build_rootfs() {
   mmdebstrap --mode="$MODE" --format=tar --variant="$VARIANT" --include="$PACKAGES" \
     --aptopt='Acquire::Retries "3"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -98,32 +80,71 @@ if [ "$FORCE" = 1 ] || [ ! -s "$TARBALL" ]; then
     --customize-hook="chroot \"\$1\" useradd -u $UID_GID -g $UID_GID -d /home/sparkla -s /bin/bash sparkla" \
     --customize-hook='mkdir -p "$1"/home/sparkla "$1"/.sparkla && chown 1000:1000 "$1"/home/sparkla' \
     --customize-hook='rm -f "$1"/var/log/*.log "$1"/var/cache/ldconfig/aux-cache "$1"/var/log/apt/*' \
-    "$SUITE" "$tmp" "$MIRROR"
+    "$SUITE" "$1" "$MIRROR"
+}
+import_image() {
+  docker import \
+    --change "LABEL org.sparkla.recipe=$RECIPE_HASH" \
+    --change "LABEL org.sparkla.suite=$SUITE" \
+    --change "LABEL org.sparkla.rootfs-sha256=$tar_sha" \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'ENV HOME=/home/sparkla' \
+    --change 'USER 1000:1000' \
+    --change 'WORKDIR /home/sparkla' \
+    --change 'CMD ["/bin/bash"]' \
+    "$TARBALL" "$TAG"
+}
+
+RECIPE_HASH=$( { declare -f build_rootfs import_image; echo "$SUITE $VARIANT $PACKAGES $MIRROR $SOURCE_DATE_EPOCH $UID_GID"; } | sha256sum | cut -c1-16)
+TARBALL="$CACHE/docker-$SUITE-$RECIPE_HASH.tar"
+RECORD="$CACHE/$(echo "$TAG" | tr '/:' '__').json"
+
+command -v docker >/dev/null || { echo "error: docker CLI not found" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "error: Docker engine not reachable (DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock})" >&2; exit 1; }
+
+existing=$(docker image inspect --format '{{index .Config.Labels "org.sparkla.recipe"}}' "$TAG" 2>/dev/null || true)
+if [ "$FORCE" = 0 ] && [ "$existing" = "$RECIPE_HASH" ]; then
+  id=$(docker image inspect --format '{{.Id}}' "$TAG")
+  layer=$(docker image inspect --format '{{index .RootFS.Layers 0}}' "$TAG")
+  echo "up to date: $TAG (recipe $RECIPE_HASH) image $id layer $layer"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ "$FORCE" = 1 ] || [ ! -s "$TARBALL" ]; then
+  command -v mmdebstrap >/dev/null || { echo "error: mmdebstrap not found (apt-get install mmdebstrap)" >&2; exit 1; }
+  echo "building $SUITE root filesystem from $MIRROR (recipe $RECIPE_HASH) ..."
+  MODE=root; [ "$(id -u)" = 0 ] || MODE=unshare
+  tmp="$TARBALL.tmp.$$"
+  trap 'rm -rf "$tmp"' EXIT
+  build_rootfs "$tmp"
   mv "$tmp" "$TARBALL"
   trap - EXIT
 fi
 built=$(date +%s)
 tar_sha=$(sha256sum "$TARBALL" | cut -d' ' -f1)
+# Keep only this recipe's tarball in the cache.
+for old in "$CACHE"/docker-"$SUITE"-*.tar; do
+  [ "$old" = "$TARBALL" ] || rm -f "$old"
+done
+previous=$(docker image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)
 
-id=$(docker import \
-  --change "LABEL org.sparkla.recipe=$RECIPE_HASH" \
-  --change "LABEL org.sparkla.suite=$SUITE" \
-  --change "LABEL org.sparkla.rootfs-sha256=$tar_sha" \
-  --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-  --change 'ENV LANG=C.UTF-8' \
-  --change 'ENV HOME=/home/sparkla' \
-  --change 'USER 1000:1000' \
-  --change 'WORKDIR /home/sparkla' \
-  --change 'CMD ["/bin/bash"]' \
-  "$TARBALL" "$TAG")
+id=$(import_image)
 end=$(date +%s)
+# Remove the image this tag pointed to before, if it was ours and nothing else uses it.
+if [ -n "$previous" ] && [ "$previous" != "$id" ] && \
+   [ -n "$(docker image inspect --format '{{index .Config.Labels "org.sparkla.recipe"}}' "$previous" 2>/dev/null)" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 size=$(docker image inspect --format '{{.Size}}' "$TAG")
+layer=$(docker image inspect --format '{{index .RootFS.Layers 0}}' "$TAG")
 cat > "$RECORD" <<JSON
-{"tag":"$TAG","image_id":"$id","recipe":"$RECIPE_HASH","suite":"$SUITE","mirror":"$MIRROR","packages":"$PACKAGES","rootfs_sha256":"$tar_sha","source_date_epoch":$SOURCE_DATE_EPOCH,"size":$size,"build_seconds":$((built-start)),"import_seconds":$((end-built))}
+{"tag":"$TAG","image_id":"$id","recipe":"$RECIPE_HASH","suite":"$SUITE","mirror":"$MIRROR","packages":"$PACKAGES","rootfs_sha256":"$tar_sha","layer":"$layer","source_date_epoch":$SOURCE_DATE_EPOCH,"size":$size,"build_seconds":$((built-start)),"import_seconds":$((end-built))}
 JSON
 echo "built $TAG"
-echo "  image id:      $id"
-echo "  rootfs sha256: $tar_sha"
+echo "  image id:      $id (changes with every import: it covers the creation time)"
+echo "  layer digest:  $layer (reproducible: the rootfs tarball's sha256)"
 echo "  recipe:        $RECIPE_HASH ($SUITE, $PACKAGES from $MIRROR)"
 echo "  time:          rootfs $((built-start))s, import $((end-built))s"
 echo "  recorded in:   $RECORD"
