@@ -114,6 +114,9 @@ impl Kernel {
         reaper::watch(pid);
         drop(child); // never waited on: the reaper collects it
         drop((req_r, msg_w));
+        // Ours alone (the kernel holds the other ends): read only after poll, or to drain.
+        sys::set_nonblocking(out_r.as_raw_fd(), true).map_err(|e| err("fcntl", e))?;
+        sys::set_nonblocking(errp_r.as_raw_fd(), true).map_err(|e| err("fcntl", e))?;
         let mut kernel = Kernel {
             lang,
             pid,
@@ -305,12 +308,6 @@ impl Kernel {
     fn drain(&mut self, sink: &mut dyn FnMut(Event)) {
         let mut buf = [0u8; 64 * 1024];
         for (i, stream) in [(0usize, Stream::Stdout), (1, Stream::Stderr)] {
-            let fd = if i == 0 {
-                self.stdout.as_raw_fd()
-            } else {
-                self.stderr.as_raw_fd()
-            };
-            sys::set_nonblocking(fd, true).ok();
             loop {
                 let file = if i == 0 { &self.stdout } else { &self.stderr };
                 match (&*file).read(&mut buf) {
@@ -321,7 +318,6 @@ impl Kernel {
                     _ => break,
                 }
             }
-            sys::set_nonblocking(fd, false).ok();
         }
     }
 

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
         .unwrap_or(false)
 }
 
@@ -25,7 +29,11 @@ fn malformed_messages_get_errors_and_the_agent_keeps_serving() {
 
     a.send_raw("{\"jsonrpc\":\"2.0\",\"id\":\"x1\"}\n");
     let r = a.next_response();
-    assert_eq!((r["id"].clone(), r["error"]["code"].clone()), (json!("x1"), json!(-32600)), "{r}");
+    assert_eq!(
+        (r["id"].clone(), r["error"]["code"].clone()),
+        (json!("x1"), json!(-32600)),
+        "{r}"
+    );
 
     a.send_raw("[1,2,3]\n");
     assert_eq!(a.next_response()["error"]["code"], -32600);
@@ -83,7 +91,10 @@ fn an_oversized_message_is_refused_and_the_agent_keeps_serving() {
     ));
     let r = a.next_response();
     assert_eq!(r["error"]["code"], -32600, "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("exceeds the limit of 1000 bytes"));
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exceeds the limit of 1000 bytes"));
     assert_eq!(a.execute("bash", "echo ok")["outputs"], json!(["ok\n"]));
 }
 
@@ -163,7 +174,10 @@ fn output_is_streamed_while_a_chunk_runs() {
         "output was not streamed: first tick at {first_tick:?}, result at {:?}",
         result.1
     );
-    assert_eq!(result.0["result"]["outputs"], json!(["tick 0\ntick 1\ntick 2\n", "end"]));
+    assert_eq!(
+        result.0["result"]["outputs"],
+        json!(["tick 0\ntick 1\ntick 2\n", "end"])
+    );
 }
 
 #[test]
@@ -171,7 +185,11 @@ fn status_and_warmup_report_kernels() {
     let mut a = AgentProc::start();
     let s = a.call("status", json!({}))["result"].clone();
     assert_eq!(s["kernels"], json!([]), "no kernel before first use: {s}");
-    assert!(s["languages"].as_array().unwrap().iter().any(|l| l["name"] == "python"));
+    assert!(s["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "python"));
     let w = a.call("warmup", json!({"languages": ["python", "cobol"]}))["result"].clone();
     assert_eq!(w["python"], Value::Null);
     assert!(w["cobol"].as_str().unwrap().contains("cobol"));
@@ -219,14 +237,22 @@ fn orphans_are_reaped() {
     let agent = a.pid();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let zombies: Vec<i32> = children_of(agent).into_iter().filter(|p| !alive(*p)).collect();
+        let zombies: Vec<i32> = children_of(agent)
+            .into_iter()
+            .filter(|p| !alive(*p))
+            .collect();
         let sleeping = children_of(agent).into_iter().any(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim() == "sleep").unwrap_or(false)
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == "sleep")
+                .unwrap_or(false)
         });
         if zombies.is_empty() && !sleeping {
             break;
         }
-        assert!(Instant::now() < deadline, "orphans left unreaped: {zombies:?}");
+        assert!(
+            Instant::now() < deadline,
+            "orphans left unreaped: {zombies:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -235,7 +261,10 @@ fn orphans_are_reaped() {
 fn the_static_binary_runs_from_an_empty_directory() {
     let bin = env!("CARGO_BIN_EXE_sparkla-agent");
     let elf = std::fs::read(bin).unwrap();
-    assert!(!has_interpreter(&elf), "sparkla-agent is dynamically linked (has PT_INTERP)");
+    assert!(
+        !has_interpreter(&elf),
+        "sparkla-agent is dynamically linked (has PT_INTERP)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("sparkla-agent");
     std::fs::copy(bin, &copy).unwrap();
@@ -269,7 +298,10 @@ fn the_static_binary_runs_from_an_empty_directory() {
 
 fn unsafe_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 

@@ -118,7 +118,9 @@ impl AgentProc {
         if !self.responses.is_empty() {
             return self.responses.remove(0);
         }
-        self.lines.recv_timeout(TIMEOUT).expect("a message from the agent")
+        self.lines
+            .recv_timeout(TIMEOUT)
+            .expect("a message from the agent")
     }
 
     /// Wait for the response to request `id`.
