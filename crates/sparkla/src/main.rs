@@ -1,1 +1,162 @@
-fn main() {}
+//! `sparkla`: serve sessions (`sparkla serve`, or `sparkla` alone), print the effective
+//! configuration (`sparkla config`), or load-test a server (`sparkla bench`).
+
+mod bench;
+mod options;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sparkla_server::edge::jwt::{self, Jwt};
+use sparkla_server::{manager_for, runtime_for, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sparkla",
+    version,
+    about = "Fast, isolated, reproducible compute sessions for executable documents (Executa-compatible)",
+    after_help = "With no command, `sparkla` serves (as `sparkla serve`)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    options: options::Options,
+
+    /// Shorthand for --runtime docker
+    #[arg(long, global = true)]
+    docker: bool,
+
+    /// Shorthand for --runtime firecracker
+    #[arg(long, global = true)]
+    firecracker: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve sessions over WebSocket and HTTP (the default command)
+    Serve,
+    /// Print the effective configuration (defaults < config file < environment < flags) as JSON
+    Config,
+    /// Load-test a running server with concurrent WebSocket clients
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    // The sandbox runtime re-executes this binary as its launcher.
+    sparkla_runtime::sandbox::launcher::run_if_requested();
+    let cli = Cli::parse();
+    raise_nofile_limit();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut opts = cli.options.clone();
+    if cli.docker {
+        opts.runtime = Some("docker".into());
+    }
+    if cli.firecracker {
+        opts.runtime = Some("firecracker".into());
+    }
+    match cli.command {
+        Some(Command::Bench(args)) => {
+            init_tracing(opts.debug.unwrap_or(false));
+            bench::run(args, &opts).await
+        }
+        Some(Command::Config) => {
+            let config = opts.resolve()?;
+            println!("{}", serde_json::to_string_pretty(&config.redacted())?);
+            Ok(())
+        }
+        Some(Command::Serve) | None => serve(opts).await,
+    }
+}
+
+fn init_tracing(debug: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if debug {
+        "debug,hyper=info,tungstenite=info,tokio_tungstenite=info"
+    } else {
+        "info"
+    };
+    let filter = EnvFilter::try_from_env("SPARKLA_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(opts: options::Options) -> anyhow::Result<()> {
+    let mut config = opts.resolve()?;
+    init_tracing(config.debug);
+    let generated = config.jwt_secret.is_none();
+    if generated {
+        config.jwt_secret = Some(jwt::generate_secret());
+    }
+    let runtime = runtime_for(&config)
+        .await
+        .with_context(|| format!("cannot use the {} runtime", config.runtime))?;
+    let manager = manager_for(&config, runtime);
+    let server = Server::start(config.clone(), manager).await?;
+    let addr = server.addr();
+    if generated {
+        let secret = config.jwt_secret.as_deref().expect("secret");
+        let token = Jwt::new(secret)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .sign(&json!({"admin": true, "iat": jwt::now(), "exp": jwt::now() + 7 * 86400}));
+        tracing::warn!(
+            "no JWT secret configured (JWT_SECRET, SPARKLA_JWT_SECRET or --jwt-secret): generated one for this run only"
+        );
+        tracing::info!("admin URL (token valid 7 days): http://{addr}/admin?jwt={token}");
+        tracing::info!("WebSocket URL for clients: ws://{addr}/?jwt={token}");
+    }
+    tracing::info!(%addr, runtime = %config.runtime, "sparkla is serving");
+    wait_for_signal().await;
+    server.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Many connections need many file descriptors: raise the soft limit to the hard one.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -82,7 +82,7 @@ fn auth_of(parts: &Parts) -> Auth {
     let query = parts.uri.query().and_then(|q| {
         q.split('&').find_map(|kv| {
             kv.strip_prefix("jwt=")
-                .map(|v| percent_decode(v))
+                .map(percent_decode)
                 .filter(|v| !v.is_empty())
         })
     });
@@ -142,6 +142,7 @@ fn http_client(token: &str, claims: jwt::Claims) -> ClientInfo {
     }
 }
 
+#[allow(clippy::result_large_err)] // a Response, built once per refused request
 fn authorize(state: &AppState, auth: &Auth) -> Result<ClientInfo, Response> {
     let token = auth.token.as_deref().ok_or_else(unauthorized)?;
     match state.jwt.verify(token) {
@@ -263,6 +264,7 @@ fn bare_error(e: ErrorObject) -> Response {
     json_response(status, &serde_json::to_value(e).expect("error"))
 }
 
+#[allow(clippy::result_large_err)]
 async fn read_body(state: &AppState, body: Body) -> Result<String, Response> {
     let limit = state.config.max_message_size;
     let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {

@@ -789,6 +789,9 @@ impl SessionManager {
             }
             st.status = SessionStatus::Stopping;
             st.node.status = Some(SessionStatus::Stopping);
+            if let (Some(r), None) = (reason, &st.node.description) {
+                st.node.description = Some(r.to_string());
+            }
             st.agent.take()
         };
         s.generation.fetch_add(1, Ordering::SeqCst);
@@ -822,9 +825,6 @@ impl SessionManager {
             st.status = final_status;
             st.node.status = Some(final_status);
             st.node.date_end = Some(json!({"type": "Date", "value": names::iso_now()}));
-            if let (Some(r), None) = (reason, &st.node.description) {
-                st.node.description = Some(r.to_string());
-            }
             st.ended_at = Some(Instant::now());
             st.held.take()
         };
