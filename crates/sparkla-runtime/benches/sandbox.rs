@@ -53,14 +53,28 @@ fn run(cmd: &mut Command) -> Duration {
 
 fn bwrap() -> Command {
     let mut c = Command::new("bwrap");
-    c.args(["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"]);
+    c.args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]);
     for l in ["bin", "lib", "lib64", "sbin"] {
         if let Ok(t) = std::fs::read_link(format!("/{l}")) {
             c.args(["--symlink", t.to_str().unwrap(), &format!("/{l}")]);
         }
     }
     c.args([
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", PY, "-c", "print(1+1)",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        PY,
+        "-c",
+        "print(1+1)",
     ]);
     c
 }
@@ -112,7 +126,8 @@ async fn main() {
         eprintln!("SKIPPED: sparkla-agent not built (cargo build --release -p sparkla-agent)");
         return;
     };
-    let launcher = sibling_binary("sparkla-sandbox").expect("sparkla-sandbox built beside the bench");
+    let launcher =
+        sibling_binary("sparkla-sandbox").expect("sparkla-sandbox built beside the bench");
     let n: usize = std::env::var("SPARKLA_BENCH_N")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -164,7 +179,10 @@ async fn main() {
             .await
             .expect("begin");
         ready.push(ms(t.elapsed()));
-        let node = client.execute("j", python("1+1"), None).await.expect("execute");
+        let node = client
+            .execute("j", python("1+1"), None)
+            .await
+            .expect("execute");
         assert_eq!(node["outputs"], json!([2]), "{node}");
         first.push(ms(t.elapsed()));
         let te = Instant::now();
@@ -188,11 +206,20 @@ async fn main() {
     );
     let (mut ready, mut first, mut whole) = (vec![], vec![], vec![]);
     for i in 0..n {
-        assert!(pool.wait_full(Duration::from_secs(60)).await, "pool did not fill");
+        assert!(
+            pool.wait_full(Duration::from_secs(60)).await,
+            "pool did not fill"
+        );
         let t = Instant::now();
-        let (mut inst, client) = pool.begin(spec(format!("bench-pool-{i}"))).await.expect("begin");
+        let (mut inst, client) = pool
+            .begin(spec(format!("bench-pool-{i}")))
+            .await
+            .expect("begin");
         ready.push(ms(t.elapsed()));
-        let node = client.execute("j", python("1+1"), None).await.expect("execute");
+        let node = client
+            .execute("j", python("1+1"), None)
+            .await
+            .expect("execute");
         assert_eq!(node["outputs"], json!([2]), "{node}");
         first.push(ms(t.elapsed()));
         inst.stop().await.expect("stop");
@@ -219,7 +246,10 @@ async fn main() {
         )
         .await
         .expect("begin");
-        let node = client.execute("j", python("x = 1"), None).await.expect("execute");
+        let node = client
+            .execute("j", python("x = 1"), None)
+            .await
+            .expect("execute");
         assert!(node.get("errors").is_none(), "{node}");
         sessions.push((inst, client));
     }

@@ -38,6 +38,8 @@ pub enum CgroupVersion {
 
 /// The v1 controllers Sparkla uses. `cpuacct` is optional (CPU usage accounting).
 const V1_REQUIRED: [&str; 3] = ["memory", "pids", "cpu"];
+/// Whether `nest_under_self` applies on v1 too (it does not: see [`Cgroups::detect`]).
+const V1_NEST: bool = false;
 
 /// The parent groups of all sessions, on one host.
 #[derive(Debug, Clone)]
@@ -141,9 +143,10 @@ impl Cgroups {
     /// `name`. v2 is used when its memory, pids and cpu controllers are available; otherwise
     /// v1 with memory, pids and cpu hierarchies mounted.
     ///
-    /// With `nest_under_self`, the parent is created under the server's own cgroup when that
-    /// works (on v2 this needs the own cgroup to be delegable: no processes of its own, or
-    /// the root); otherwise it is created at the hierarchy root.
+    /// With `nest_under_self`, on v2 the parent is created under the server's own cgroup
+    /// when that works (the own cgroup must be delegable: no processes of its own, or the
+    /// root); otherwise at the hierarchy root. On v1 the parent is always at the root of
+    /// each hierarchy.
     pub fn detect(name: &str, nest_under_self: bool) -> Result<Self, RuntimeError> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(RuntimeError::Refused(format!(
@@ -187,7 +190,6 @@ impl Cgroups {
 
         // v1.
         let mut parents = Vec::new();
-        let mut have_cpuacct = false;
         for ctrl in ["memory", "pids", "cpu", "cpuacct"] {
             let Some(m) = mounts
                 .iter()
@@ -208,10 +210,11 @@ impl Cgroups {
                 {
                     continue;
                 }
-                have_cpuacct = true;
             }
+            // v1 has no delegation model (creating groups needs root anyway), so the parent
+            // sits at the hierarchy root, outside whatever cgroup the server was started in.
             let mut base = m.mount_point.clone();
-            if nest_under_self {
+            if nest_under_self && V1_NEST {
                 if let Some((_, own)) = own_v1.iter().find(|(c, _)| c.iter().any(|x| x == ctrl)) {
                     base = join_cgroup_path(m, own);
                 }
@@ -229,7 +232,6 @@ impl Cgroups {
             }
             parents.push((ctrl.to_string(), dir));
         }
-        let _ = have_cpuacct;
         Ok(Self {
             version: CgroupVersion::V1,
             parents,
@@ -584,7 +586,7 @@ impl Cgroup {
                 return self.check_empty();
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(10));
+            pause = (pause * 3 / 2).min(Duration::from_millis(2));
         }
     }
 
@@ -638,7 +640,7 @@ fn remove_tree(dir: &Path, deadline: Instant) -> Result<(), RuntimeError> {
             // EBUSY while the last killed processes are still exiting.
             Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(10));
+                pause = (pause * 3 / 2).min(Duration::from_millis(2));
             }
             // An imitation cgroupfs (tests) holds regular files: clear them.
             Err(e)
