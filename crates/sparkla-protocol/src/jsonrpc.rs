@@ -159,6 +159,8 @@ impl Request {
 
     /// Parse one message, telling a parse error (-32700) from an invalid request (-32600).
     /// The error carries the id when one could be read, so that it can be echoed.
+    // The error is as large as the response it becomes; boxing it would only add an allocation.
+    #[allow(clippy::result_large_err)]
     pub fn parse(text: &str) -> Result<Request, (Id, ErrorObject)> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| (Id::Null, ErrorObject::parse_error(e)))?;
@@ -166,6 +168,7 @@ impl Request {
     }
 
     /// Like [`Request::parse`], from an already parsed value.
+    #[allow(clippy::result_large_err)]
     pub fn from_value(value: Value) -> Result<Request, (Id, ErrorObject)> {
         let id = match value.get("id") {
             Some(Value::String(s)) => Id::Str(s.clone()),
