@@ -178,6 +178,20 @@ impl Kernel {
                     ansi_c_quote(code)
                 )
             }
+            Lang::R => {
+                // Base R reads no JSON: "<mode> <cell> <code as hex>".
+                let mode = if req.expression {
+                    "expression"
+                } else {
+                    "chunk"
+                };
+                let mut s = format!("{mode} {} ", req.cell);
+                for b in req.code.as_bytes() {
+                    s.push_str(&format!("{b:02x}"));
+                }
+                s.push('\n');
+                s
+            }
             _ => {
                 let mode = if req.expression {
                     "expression"

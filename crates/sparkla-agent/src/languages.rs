@@ -58,7 +58,7 @@ impl Lang {
             Lang::Python => Some(include_str!("kernels/python.py")),
             Lang::Bash => Some(include_str!("kernels/bash.sh")),
             Lang::JavaScript => Some(include_str!("kernels/javascript.js")),
-            Lang::R => None,
+            Lang::R => Some(include_str!("kernels/r.R")),
         }
     }
 
@@ -70,7 +70,7 @@ impl Lang {
             // Bash reads its script (the kernel, then one line per request) from stdin.
             Lang::Bash => vec!["--norc", "--noprofile", "-s"],
             Lang::JavaScript => vec!["-e", script],
-            Lang::R => vec![],
+            Lang::R => vec!["--vanilla", "-e", script],
         }
     }
 
