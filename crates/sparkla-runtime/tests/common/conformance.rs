@@ -178,7 +178,13 @@ pub async fn end_kills_background_processes(rt: &dyn Runtime, prefix: &str) {
         "(sleep 1000 &) ; nohup sleep 1001 >/dev/null 2>&1 &",
     )
     .await;
-    let ps = exec(&client, "bash", "ps -eo comm | grep -c '^sleep'").await;
+    // The backgrounded sleeps may not have exec'd yet on a loaded machine: wait up to 5 s.
+    let ps = exec(
+        &client,
+        "bash",
+        "for i in $(seq 50); do n=$(ps -eo comm | grep -c '^sleep'); [ \"$n\" = 2 ] && break; sleep 0.1; done; echo $n",
+    )
+    .await;
     assert_eq!(text(&ps).trim(), "2", "{ps}");
     end(inst, client).await;
 }
