@@ -594,3 +594,77 @@ async fn read_only_mount_is_readable_not_writable() {
     assert!(!dir.path().join("new").exists());
     assert_none_left(&rt).await;
 }
+
+#[tokio::test]
+async fn warm_pool_hands_out_containers_with_the_sessions_limits() {
+    use sparkla_runtime::{Pool, PoolConfig};
+    let Some(rt) = runtime("pool").await else {
+        return;
+    };
+    let server = rt.config().server_id.clone();
+    let client_api = rt.client().clone();
+    let rt: std::sync::Arc<dyn Runtime> = std::sync::Arc::new(rt);
+    let pool = Pool::new(
+        rt.clone(),
+        PoolConfig {
+            size: 1,
+            warm_languages: vec!["python".into()],
+            ..Default::default()
+        },
+    );
+    assert!(
+        pool.wait_full(Duration::from_secs(60)).await,
+        "pool did not fill"
+    );
+    let mut s = spec("pooled");
+    s.limits.memory_bytes = Some(300 << 20);
+    s.limits.pids = Some(99);
+    let (inst, client) = pool.begin(s).await.expect("begin from pool");
+    assert_eq!(inst.session_id(), "pooled");
+    assert_eq!(
+        outputs(&exec(&client, "python", "5*5").await),
+        vec![json!(25)]
+    );
+    // The warm container (named after its pool id) now has this session's limits.
+    let mut filters = HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec![format!("{LABEL_SERVER}={server}")],
+    );
+    let list = client_api
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap();
+    let mut limits = Vec::new();
+    for c in list {
+        let hc = client_api
+            .inspect_container(c.id.as_deref().unwrap(), None)
+            .await
+            .unwrap()
+            .host_config
+            .unwrap();
+        limits.push((hc.memory, hc.memory_swap, hc.pids_limit));
+    }
+    assert!(
+        limits.contains(&(Some(300 << 20), Some(300 << 20), Some(99))),
+        "no container with the session's limits: {limits:?}"
+    );
+    end(inst, client).await;
+    pool.shutdown().await;
+    rt.sweep().await.expect("sweep");
+    let left = client_api
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "containers left behind: {left:?}");
+}
