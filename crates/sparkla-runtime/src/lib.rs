@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod docker;
 pub mod process;
 pub mod sandbox;
+pub mod vm;
 
 pub use agent_client::{AgentClient, AgentError};
 pub use sandbox::pool::{Pool, PoolConfig};
