@@ -421,6 +421,7 @@ async fn two_gib_allocation_under_half_gib_fails_and_session_survives() {
         .as_str()
         .unwrap_or_default()
         .to_string();
+    eprintln!("2 GiB under 0.5 GiB: oom_kills={oom} error={kind}");
     assert!(
         oom > 0 || kind == "MemoryError",
         "oom_kills={oom} node={node}"
