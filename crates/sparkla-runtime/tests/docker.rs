@@ -669,3 +669,53 @@ async fn warm_pool_hands_out_containers_with_the_sessions_limits() {
         .unwrap();
     assert!(left.is_empty(), "containers left behind: {left:?}");
 }
+
+#[tokio::test]
+async fn container_removed_mid_execution_fails_cleanly() {
+    let Some(rt) = runtime("removed").await else {
+        return;
+    };
+    let (mut inst, client) = begin(&rt, spec("r")).await.expect("begin");
+    let client = std::sync::Arc::new(client);
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .execute(
+                    "long",
+                    conformance::chunk("python", "import time\ntime.sleep(60)"),
+                    None,
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let name = format!("sparkla-{}-r", rt.config().server_id);
+    rt.client()
+        .remove_container(
+            &name,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::new()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await
+        .expect("docker rm -f");
+    let result = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the execution did not end when its container was removed")
+        .unwrap();
+    assert!(
+        result.is_err(),
+        "execution succeeded in a removed container: {result:?}"
+    );
+    match inst.state().await {
+        InstanceState::Exited { reason } => assert!(reason.contains("removed"), "{reason}"),
+        s => panic!("removed container reported {s:?}"),
+    }
+    inst.stop()
+        .await
+        .expect("stop of a removed container is clean");
+    assert_none_left(&rt).await;
+}
