@@ -23,7 +23,12 @@ fn skip(test: &str, why: &str) {
     if std::env::var("SPARKLA_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
         panic!("{test}: {why} (SPARKLA_REQUIRE_DOCKER=1)");
     }
-    eprintln!("\n******** SKIPPED: docker test {test} because {why} ********\n");
+    // Straight to fd 2: libtest captures eprintln! of passing tests, this stays visible.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n******** SKIPPED: docker test {test} because {why} ********\n"
+    );
 }
 
 fn server_id(test: &str) -> String {
