@@ -1,6 +1,7 @@
 //! `sparkla`: serve sessions (`sparkla serve`, or `sparkla` alone), print the effective
 //! configuration (`sparkla config`), or load-test a server (`sparkla bench`).
 
+mod agent_build;
 mod bench;
 mod options;
 
@@ -108,6 +109,7 @@ fn init_tracing(debug: bool) {
 async fn serve(opts: options::Options) -> anyhow::Result<()> {
     let mut config = opts.resolve()?;
     init_tracing(config.debug);
+    agent_build::ensure_agent_built()?;
     let generated = config.jwt_secret.is_none();
     if generated {
         config.jwt_secret = Some(jwt::generate_secret());

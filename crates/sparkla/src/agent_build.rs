@@ -1,0 +1,42 @@
+//! `cargo run --release -- serve` on a fresh checkout builds only the `sparkla` binary, but
+//! every session needs the static `sparkla-agent` beside it. When the agent is missing and
+//! this process was started by cargo (which sets `CARGO`), build it once, with the same
+//! profile, so that the README's one command is enough.
+
+use anyhow::Context;
+use std::path::Path;
+
+pub fn ensure_agent_built() -> anyhow::Result<()> {
+    if std::env::var_os("SPARKLA_AGENT").is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("cannot locate the sparkla binary")?;
+    let Some(dir) = exe.parent() else {
+        return Ok(());
+    };
+    if dir.join("sparkla-agent").is_file() {
+        return Ok(());
+    }
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(()); // not under cargo: the runtime reports the missing agent clearly
+    };
+    let release = dir.file_name().and_then(|n| n.to_str()) == Some("release");
+    tracing::info!("sparkla-agent is not built yet: building it now (first run only)");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "sparkla-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    if let Some(manifest) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        // crates/sparkla -> the workspace root
+        if let Some(root) = Path::new(&manifest).parent().and_then(Path::parent) {
+            cmd.current_dir(root);
+        }
+    }
+    let status = cmd.status().context("cannot run cargo to build sparkla-agent")?;
+    anyhow::ensure!(
+        status.success(),
+        "building sparkla-agent failed ({status}); build it with `cargo build --release -p sparkla-agent`"
+    );
+    Ok(())
+}
