@@ -50,6 +50,10 @@ pub struct LaunchSpec {
     pub root_mountpoint: PathBuf,
     /// A complete root filesystem (environment directory); `None`: host system directories.
     pub rootfs: Option<PathBuf>,
+    /// With the host's system directories: a prepared /etc (see [`prepare_etc_skeleton`]),
+    /// bound read-only in one mount. `None`: the needed host files are bound one by one.
+    #[serde(default)]
+    pub etc_skeleton: Option<PathBuf>,
     /// The agent binary on the host (static); mounted read-only at [`AGENT_PATH`].
     pub agent: PathBuf,
     /// Debug/test mode: exec this command (inside the sandbox) instead of the agent.
@@ -72,6 +76,23 @@ pub struct LaunchSpec {
 }
 
 type R<T> = Result<T, String>;
+
+/// `SPARKLA_SANDBOX_TRACE=1` in the launcher's environment prints the time of each setup
+/// phase to stderr (for diagnosing start-up cost).
+fn trace(phase: &str) {
+    use std::sync::OnceLock;
+    static START: OnceLock<Option<std::time::Instant>> = OnceLock::new();
+    let start = START.get_or_init(|| {
+        std::env::var_os("SPARKLA_SANDBOX_TRACE").map(|_| std::time::Instant::now())
+    });
+    if let Some(t) = start {
+        eprintln!(
+            "sparkla-sandbox[{}] {:>8.3} ms {phase}",
+            std::process::id(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
 
 fn cstr(p: impl AsRef<[u8]>) -> CString {
     CString::new(p.as_ref().to_vec()).unwrap_or_else(|_| CString::new("?").unwrap())
@@ -129,6 +150,7 @@ fn pipe() -> R<(RawFd, RawFd)> {
 }
 
 fn run() -> R<i32> {
+    trace("start");
     // SAFETY: plain prctl calls.
     unsafe {
         // Die with the server (the thread that spawned us).
@@ -164,6 +186,7 @@ fn run() -> R<i32> {
         | libc::CLONE_NEWCGROUP;
     // SAFETY: a fork-like clone (no new stack) in a single-threaded process; the child only
     // runs `child()` and then execs or exits.
+    trace("cgroup joined");
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -198,7 +221,9 @@ fn run() -> R<i32> {
     }
     let mut slirp: Option<libc::pid_t> = None;
     let setup = (|| -> R<()> {
+        trace("cloned");
         write_id_maps(pid, &spec)?;
+        trace("id maps written");
         if let Some(slirp4netns) = &spec.network {
             slirp = Some(start_slirp(slirp4netns, pid)?);
         }
@@ -223,6 +248,7 @@ fn run() -> R<i32> {
         wait(pid);
         return Err(msg);
     }
+    trace("child exec'd");
     report(&format!("ok {pid}"));
     // Our stdin/stdout belong to the agent: drop our copies so that the server sees EOF as
     // soon as the agent's side closes.
@@ -356,12 +382,16 @@ fn child(spec: &LaunchSpec, go_r: RawFd) -> R<std::convert::Infallible> {
         check(libc::setresgid(0, 0, 0), || "setresgid(0)".into())?;
         check(libc::setresuid(0, 0, 0), || "setresuid(0)".into())?;
     }
+    trace("child: go");
     build_root(spec)?;
+    trace("child: root built");
     sethostname(&spec.hostname)?;
     loopback_up()?;
     drop_privileges(spec.inner_id)?;
+    trace("child: privileges dropped");
     if spec.seccomp {
         super::seccomp::install()?;
+        trace("child: seccomp installed");
     }
     let home = if Path::new("/home/user").is_dir() {
         "/home/user"
@@ -491,6 +521,50 @@ const HOST_ETC: &[&str] = &[
     "fonts",
     "R",
 ];
+/// Files of /etc generated per session (in /.sparkla/etc; /etc has symlinks to them).
+pub const GENERATED_ETC: &[&str] = &["passwd", "group", "hosts", "hostname", "resolv.conf"];
+
+/// Build the /etc that sessions with the host's system directories see: copies of what
+/// programs need from the host's /etc ([`HOST_ETC`]) and symlinks to the per-session
+/// generated files. Made once per runtime start (so a session binds one directory instead
+/// of a dozen files); replaced atomically.
+pub fn prepare_etc_skeleton(dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
+    for name in HOST_ETC {
+        let src = Path::new("/etc").join(name);
+        if fs::symlink_metadata(&src).is_ok() {
+            copy_tree(&src, &tmp.join(name))?;
+        }
+    }
+    for name in GENERATED_ETC {
+        symlink(format!("/.sparkla/etc/{name}"), tmp.join(name))?;
+    }
+    let _ = fs::remove_dir_all(dir);
+    fs::rename(&tmp, dir)
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        symlink(fs::read_link(src)?, dst)
+    } else if meta.is_dir() {
+        fs::create_dir(dst)?;
+        fs::set_permissions(dst, meta.permissions())?;
+        for e in fs::read_dir(src)? {
+            let e = e?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+        Ok(())
+    } else if meta.is_file() {
+        fs::copy(src, dst).map(|_| ())
+    } else {
+        Ok(())
+    }
+}
+
 /// Top-level entries of an environment directory that are not bound (the sandbox makes
 /// its own).
 const ENV_SKIP: &[&str] = &[
@@ -590,7 +664,9 @@ fn build_root(spec: &LaunchSpec) -> R<()> {
     for (name, content) in &files {
         fs::write(gen.join(name), content).map_err(|e| format!("writing {name}: {e}"))?;
     }
-    if spec.rootfs.is_none() {
+    if let (None, Some(skel)) = (&spec.rootfs, &spec.etc_skeleton) {
+        bind(skel, &etc, true, libc::MS_NOSUID | libc::MS_NODEV)?;
+    } else if spec.rootfs.is_none() {
         fs::create_dir_all(&etc).map_err(|e| format!("mkdir /etc: {e}"))?;
         for name in HOST_ETC {
             let src = Path::new("/etc").join(name);

@@ -128,6 +128,7 @@ pub struct SandboxRuntime {
     agent: PathBuf,
     cgroups: Cgroups,
     root_mountpoint: PathBuf,
+    etc_skeleton: PathBuf,
 }
 
 impl SandboxRuntime {
@@ -177,6 +178,9 @@ impl SandboxRuntime {
         let root_mountpoint = config.state_dir.join("root");
         std::fs::create_dir_all(&root_mountpoint)
             .map_err(|e| RuntimeError::io(format!("creating {}", root_mountpoint.display()), e))?;
+        let etc_skeleton = config.state_dir.join("etc");
+        launcher::prepare_etc_skeleton(&etc_skeleton)
+            .map_err(|e| RuntimeError::io(format!("preparing {}", etc_skeleton.display()), e))?;
         tracing::info!(
             launcher = %launcher.display(),
             agent = %agent.display(),
@@ -190,6 +194,7 @@ impl SandboxRuntime {
             agent,
             cgroups,
             root_mountpoint,
+            etc_skeleton,
         })
     }
 
@@ -319,6 +324,7 @@ impl SandboxRuntime {
             session_id: id.clone(),
             hostname: self.config.hostname.clone(),
             root_mountpoint: self.root_mountpoint.clone(),
+            etc_skeleton: Some(self.etc_skeleton.clone()),
             rootfs,
             agent: self.agent.clone(),
             command,
@@ -542,7 +548,7 @@ impl Runtime for SandboxRuntime {
             }
             if let Ok(rd) = std::fs::read_dir(&state_dir) {
                 for e in rd.flatten() {
-                    if e.file_name() != "root" {
+                    if e.file_name() != "root" && e.file_name() != "etc" {
                         let p = e.path();
                         let _ = if p.is_dir() {
                             std::fs::remove_dir_all(&p)
