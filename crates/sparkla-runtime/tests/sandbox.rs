@@ -414,3 +414,76 @@ async fn limits_apply_to_agent_sessions() {
     t.assert_no_leaks().await;
     t.cleanup();
 }
+
+/// A "server" (this test binary, re-executed) starts sessions and is killed with SIGKILL:
+/// its sandboxes die with it (PR_SET_PDEATHSIG chain), and the next start's sweep removes
+/// the cgroups it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_crash_kills_sessions_and_sweep_reclaims() {
+    if std::env::var_os("SPARKLA_CRASH_HELPER").is_some() {
+        // The helper: start sessions, say so, wait to be killed.
+        let t = sandbox("crash", 29);
+        let mut keep = Vec::new();
+        for i in 0..3 {
+            let (inst, client) = begin(t.rt.as_ref(), spec(&format!("crash-{i}")))
+                .await
+                .unwrap();
+            exec(&client, "bash", "sleep 1000 &").await;
+            keep.push((inst, client));
+        }
+        println!("SESSIONS-READY");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        return;
+    }
+    if skip("server_crash_kills_sessions_and_sweep_reclaims", true) {
+        return;
+    }
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "server_crash_kills_sessions_and_sweep_reclaims",
+            "--nocapture",
+        ])
+        .env("SPARKLA_CRASH_HELPER", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(helper.stdout.take().unwrap());
+    let mut ready = false;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0 {
+        if line.contains("SESSIONS-READY") {
+            ready = true;
+            break;
+        }
+        line.clear();
+    }
+    assert!(ready, "the helper did not start its sessions");
+    let base = config("crash", 29).host_id_base;
+    assert!(
+        common::processes_in_uid_range(base, 65_536).len() >= 6,
+        "sessions not running"
+    );
+    helper.kill().unwrap(); // SIGKILL: no destructor, no stop.
+    helper.wait().unwrap();
+    // Every session process dies with the server.
+    let mut left = common::processes_in_uid_range(base, 65_536);
+    for _ in 0..200 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = common::processes_in_uid_range(base, 65_536);
+    }
+    assert!(left.is_empty(), "sessions outlived the server: {left:#?}");
+    // Their cgroups are left; the next server's sweep removes them.
+    let t = sandbox("crash", 29);
+    assert_eq!(t.rt.cgroups().children().len(), 3);
+    let report = t.rt.sweep().await.unwrap();
+    assert_eq!(report.cgroups, 3, "{report:?}");
+    t.assert_no_leaks().await;
+    t.cleanup();
+}
