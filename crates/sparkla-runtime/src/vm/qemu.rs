@@ -187,10 +187,19 @@ impl QemuRuntime {
     /// The QEMU command line of a VM (public for tests and docs).
     pub fn command_line(&self, home: &Path, shape: &VmShape, kvm: bool) -> Vec<String> {
         let img = &self.image;
-        let append = format!(
+        let mut append = format!(
             "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init {}",
             shape.cmdline(&format!("port:{}", super::AGENT_PORT_NAME))
         );
+        if !kvm {
+            // Under TCG the microvm has no HPET or ACPI PM timer and calibrating the TSC
+            // against the PIT fails, after which the guest's clock never ticks. TCG's TSC runs
+            // at the host's TSC rate: tell the guest that rate.
+            append.push_str(&format!(
+                " tsc_early_khz={} tsc=reliable",
+                host_tsc_khz()
+            ));
+        }
         let h = |f: &str| home.join(f).to_string_lossy().into_owned();
         let mut args: Vec<String> = vec![
             "-M".into(),
@@ -295,6 +304,22 @@ impl QemuRuntime {
             }
         }
     }
+}
+
+/// The host's TSC rate in kHz (`cpu MHz` of /proc/cpuinfo; hosts with `constant_tsc` run
+/// the TSC at that rate), else 2 GHz.
+pub fn host_tsc_khz() -> u64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|mhz| (mhz * 1000.0).round() as u64)
+        .filter(|k| *k > 100_000)
+        .unwrap_or(2_000_000)
 }
 
 /// The last lines of a log file, for error messages.
@@ -510,6 +535,7 @@ mod tests {
             "-kernel /g/vmlinuz",
             "-initrd /g/initrd.img",
             "-no-reboot",
+            "tsc=reliable",
         ] {
             assert!(args.contains(needle), "{needle:?} missing from {args}");
         }
