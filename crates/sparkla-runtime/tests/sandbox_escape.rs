@@ -294,6 +294,30 @@ async fn sessions_are_isolated_from_each_other() {
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("secret-a"), "session B saw A's files: {out}");
     assert_eq!(out.trim(), "0", "session B saw A's processes: {out}");
+    // Each live session runs under host ids of its own.
+    let mut c =
+        t.rt.start_command(
+            spec("esc-cross-c"),
+            vec!["/bin/sleep".into(), "1000".into()],
+        )
+        .await
+        .unwrap();
+    let host_uid = |pid: i32| -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse().ok())
+            .unwrap()
+    };
+    let (ua, uc) = (host_uid(a.agent_pid()), host_uid(c.agent_pid()));
+    assert_ne!(ua, uc, "two sessions share host uid {ua}");
+    assert!(
+        ua >= 65_536 && uc >= 65_536,
+        "a session runs as a low host uid: {ua} {uc}"
+    );
+    c.stop().await.unwrap();
     a.stop().await.unwrap();
     t.assert_no_leaks().await;
     t.cleanup();

@@ -63,9 +63,13 @@ pub struct SandboxConfig {
     pub cgroup_nest: bool,
     /// Defaults for limits a session does not set.
     pub default_limits: Limits,
-    /// Host uid/gid that root inside a session maps to, and how many ids are mapped.
+    /// Host uid/gid ranges of sessions: session *k* maps ids `0..id_count` inside to
+    /// `host_id_base + k * id_count ..` on the host, for `k` in `0..id_slots`. Every live
+    /// session has a range of its own (never host root, never another session's), so no two
+    /// sessions share a host uid. The window must not overlap /etc/subuid or /etc/subgid.
     pub host_id_base: u32,
     pub id_count: u32,
+    pub id_slots: u32,
     /// The uid/gid code runs as inside.
     pub inner_id: u32,
     /// slirp4netns, for sessions allowed to use the network.
@@ -95,8 +99,9 @@ impl Default for SandboxConfig {
                 pids: Some(DEFAULT_PIDS),
                 scratch_bytes: Some(DEFAULT_SCRATCH_BYTES),
             },
-            host_id_base: 100_000,
+            host_id_base: 1_000_000_000,
             id_count: 65_536,
+            id_slots: 4096,
             inner_id: 1000,
             slirp4netns: PathBuf::from("/usr/bin/slirp4netns"),
             seccomp: true,
@@ -129,6 +134,7 @@ pub struct SandboxRuntime {
     cgroups: Cgroups,
     root_mountpoint: PathBuf,
     etc_skeleton: PathBuf,
+    ids: Arc<IdSlots>,
 }
 
 impl SandboxRuntime {
@@ -174,6 +180,30 @@ impl SandboxRuntime {
                     unavailable("cannot find the sparkla-agent binary (set SPARKLA_AGENT)")
                 })?,
         };
+        if config.id_count == 0 || config.id_slots == 0 || config.host_id_base == 0 {
+            return Err(unavailable("host id ranges must be non-empty and above 0"));
+        }
+        let window_end = u64::from(config.host_id_base)
+            + u64::from(config.id_count) * u64::from(config.id_slots);
+        if window_end > u64::from(u32::MAX) {
+            return Err(unavailable(format!(
+                "host id window {}..{window_end} exceeds 32 bits",
+                config.host_id_base
+            )));
+        }
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            if let Some(clash) = subid_overlap(file, u64::from(config.host_id_base), window_end) {
+                return Err(unavailable(format!(
+                    "the sandbox's host id window {}..{window_end} overlaps {file} ({clash}): choose another host_id_base",
+                    config.host_id_base
+                )));
+            }
+        }
+        let ids = Arc::new(IdSlots::new(
+            config.host_id_base,
+            config.id_count,
+            config.id_slots,
+        ));
         let cgroups = Cgroups::detect(&config.cgroup_parent, config.cgroup_nest)?;
         let root_mountpoint = config.state_dir.join("root");
         std::fs::create_dir_all(&root_mountpoint)
@@ -195,6 +225,7 @@ impl SandboxRuntime {
             cgroups,
             root_mountpoint,
             etc_skeleton,
+            ids,
         })
     }
 
@@ -296,6 +327,12 @@ impl SandboxRuntime {
                 self.config.slirp4netns.display()
             )));
         }
+        let id_slot = allocate_ids(&self.ids).ok_or_else(|| {
+            start_err(format!(
+                "all {} host id ranges are in use (too many sessions)",
+                self.config.id_slots
+            ))
+        })?;
         let cgroup = self.cgroups.create(
             &id,
             &CgroupLimits {
@@ -329,7 +366,7 @@ impl SandboxRuntime {
             agent: self.agent.clone(),
             command,
             scratch_bytes: limits.scratch_bytes.unwrap_or(DEFAULT_SCRATCH_BYTES),
-            host_id_base: self.config.host_id_base,
+            host_id_base: id_slot.host_base,
             id_count: self.config.id_count,
             inner_id: self.config.inner_id,
             network: spec.network.then(|| self.config.slirp4netns.clone()),
@@ -364,6 +401,7 @@ impl SandboxRuntime {
                 stderr_tail: tail,
                 stopped: false,
                 defaults: self.config.default_limits.clone(),
+                _id_slot: id_slot,
             }),
             Err(reason) => {
                 let cg = cgroup.clone();
@@ -570,6 +608,72 @@ impl Runtime for SandboxRuntime {
     }
 }
 
+/// The first /etc/subuid-style entry (`name:start:count`) overlapping `[start, end)`.
+fn subid_overlap(file: &str, start: u64, end: u64) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.trim().split(':');
+        let (name, s, c) = (it.next()?, it.next()?, it.next()?);
+        let (s, c) = (s.parse::<u64>().ok()?, c.parse::<u64>().ok()?);
+        (s < end && start < s + c).then(|| l.trim().to_string())
+    })
+}
+
+/// Allocation of per-session host id ranges (round robin, so that a range is reused as
+/// late as possible).
+struct IdSlots {
+    base: u32,
+    count: u32,
+    slots: u32,
+    state: Mutex<(u32, std::collections::BTreeSet<u32>)>,
+}
+
+/// A session's host id range; released when dropped.
+struct IdSlot {
+    ids: Arc<IdSlots>,
+    slot: u32,
+    host_base: u32,
+}
+
+impl IdSlots {
+    fn new(base: u32, count: u32, slots: u32) -> Self {
+        Self {
+            base,
+            count,
+            slots,
+            state: Mutex::new((0, Default::default())),
+        }
+    }
+}
+
+fn allocate_ids(ids: &Arc<IdSlots>) -> Option<IdSlot> {
+    let mut st = ids.state.lock().expect("id slots lock");
+    for i in 0..ids.slots {
+        let slot = (st.0 + i) % ids.slots;
+        if !st.1.contains(&slot) {
+            st.1.insert(slot);
+            st.0 = (slot + 1) % ids.slots;
+            return Some(IdSlot {
+                ids: ids.clone(),
+                slot,
+                host_base: ids.base + slot * ids.count,
+            });
+        }
+    }
+    None
+}
+
+impl Drop for IdSlot {
+    fn drop(&mut self) {
+        self.ids
+            .state
+            .lock()
+            .expect("id slots lock")
+            .1
+            .remove(&self.slot);
+    }
+}
+
 struct CgroupGuard(Option<Cgroup>);
 
 impl CgroupGuard {
@@ -599,6 +703,8 @@ pub struct SandboxInstance {
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     stopped: bool,
     defaults: Limits,
+    /// Released after the cgroup is gone (field order: dropped after `Drop::drop` ran).
+    _id_slot: IdSlot,
 }
 
 impl SandboxInstance {
@@ -716,5 +822,42 @@ impl Drop for SandboxInstance {
         if let Err(e) = self.cgroup.remove(Duration::from_secs(5)) {
             tracing::warn!(session_id = %self.session_id, error = %e, "reclaiming a dropped sandbox");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_slots_are_distinct_and_reused_late() {
+        let ids = Arc::new(IdSlots::new(1_000_000, 65_536, 3));
+        let a = allocate_ids(&ids).unwrap();
+        let b = allocate_ids(&ids).unwrap();
+        assert_eq!((a.host_base, b.host_base), (1_000_000, 1_065_536));
+        drop(a);
+        // Round robin: slot 2 before the freed slot 0.
+        let c = allocate_ids(&ids).unwrap();
+        assert_eq!(c.host_base, 1_131_072);
+        let d = allocate_ids(&ids).unwrap();
+        assert_eq!(d.host_base, 1_000_000);
+        assert!(allocate_ids(&ids).is_none(), "more sessions than slots");
+        drop(b);
+        assert_eq!(allocate_ids(&ids).unwrap().host_base, 1_065_536);
+    }
+
+    #[test]
+    fn subid_overlap_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("subuid");
+        std::fs::write(&f, "alice:100000:65536\nbob:165536:65536\n").unwrap();
+        let f = f.to_str().unwrap();
+        assert_eq!(
+            subid_overlap(f, 150_000, 160_000).as_deref(),
+            Some("alice:100000:65536")
+        );
+        assert!(subid_overlap(f, 231_072, 300_000).is_none());
+        assert!(subid_overlap(f, 0, 100_000).is_none());
+        assert!(subid_overlap("/nonexistent", 0, 1 << 31).is_none());
     }
 }

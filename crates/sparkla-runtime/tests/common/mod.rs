@@ -50,6 +50,10 @@ pub struct TestSandbox {
     mounts_before: usize,
 }
 
+/// Per-test host id window: `ID_SLOTS` sessions of 65536 ids.
+pub const ID_SLOTS: u32 = 64;
+pub const ID_WINDOW: u32 = ID_SLOTS * 65_536;
+
 pub fn config(name: &str, slot: u32) -> SandboxConfig {
     SandboxConfig {
         launcher: Some(PathBuf::from(env!("CARGO_BIN_EXE_sparkla-sandbox"))),
@@ -58,7 +62,8 @@ pub fn config(name: &str, slot: u32) -> SandboxConfig {
         cgroup_parent: format!("sparkla-test-{name}"),
         // Tests stay out of the cgroup of whatever runs them.
         cgroup_nest: false,
-        host_id_base: 1_000_000 + slot * 65_536,
+        host_id_base: 100_000_000 + slot * ID_WINDOW,
+        id_slots: ID_SLOTS,
         ..Default::default()
     }
 }
@@ -111,7 +116,7 @@ pub fn processes_in_uid_range(base: u32, count: u32) -> Vec<String> {
             .find(|l| l.starts_with("State:"))
             .unwrap_or_default()
             .to_string();
-        if uid >= base && uid < base + count {
+        if uid >= base && uid - base < count {
             let name = status.lines().next().unwrap_or_default().to_string();
             out.push(format!("pid {pid} uid {uid} {name} {state}"));
         }
@@ -141,7 +146,7 @@ impl TestSandbox {
     /// Everything of this test's sessions that is still on the host.
     pub fn leaks(&self) -> Vec<String> {
         let mut leaks = Vec::new();
-        for p in processes_in_uid_range(self.id_base, 65_536) {
+        for p in processes_in_uid_range(self.id_base, ID_WINDOW) {
             leaks.push(format!("process {p}"));
         }
         for pid in launchers_of(&format!("sparkla-test-{}", self.name)) {
