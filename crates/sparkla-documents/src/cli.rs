@@ -30,16 +30,12 @@ pub struct ExecuteArgs {
     #[arg(long, value_name = "FORMAT")]
     pub to: Option<String>,
 
-    /// Session runtime: sandbox, docker, or process (NO isolation) [default: sandbox]
-    #[arg(long, env = "SPARKLA_RUNTIME", value_name = "NAME")]
-    pub runtime: Option<String>,
-
     /// The session's environment (an environment directory of the sandbox, an image for docker)
     #[arg(long, value_name = "NAME")]
     pub environment: Option<String>,
 
     /// Execute on this Sparkla server instead of in this process (ws://host:port)
-    #[arg(long, value_name = "URL", conflicts_with = "runtime")]
+    #[arg(long, value_name = "URL")]
     pub server: Option<String>,
 
     /// JWT for --server
@@ -69,8 +65,9 @@ pub struct ExecuteArgs {
 }
 
 impl ExecuteArgs {
-    /// The library's options for these arguments; `agent`: the agent binary, if configured.
-    pub fn options(&self, agent: Option<PathBuf>) -> Result<ExecuteOptions, Error> {
+    /// The library's options for these arguments. `runtime` and `agent` come from the
+    /// `sparkla` command's global options (`--runtime`, `--agent`, config file, environment).
+    pub fn options(&self, runtime: &str, agent: Option<PathBuf>) -> Result<ExecuteOptions, Error> {
         let from = match &self.from {
             Some(f) => Some(Format::from_name(f).ok_or_else(|| {
                 Error::Usage(format!("--from {f}: unknown format (ipynb, md, json)"))
@@ -95,7 +92,7 @@ impl ExecuteArgs {
                 environment: self.environment.clone(),
             },
             None => Session::Runtime {
-                name: self.runtime.clone().unwrap_or_else(|| "sandbox".into()),
+                name: runtime.to_string(),
                 agent,
                 environment: self.environment.clone(),
             },
@@ -192,8 +189,8 @@ pub fn summary(report: &Report, check: bool) -> String {
 
 /// Run `sparkla execute`: exit 0 on success; 1 when a chunk failed or (`--check`) outputs
 /// differ; 2 on bad input or a session that cannot start; 130 on Ctrl-C.
-pub async fn run(args: ExecuteArgs, agent: Option<PathBuf>) -> ExitCode {
-    let opts = match args.options(agent) {
+pub async fn run(args: ExecuteArgs, runtime: &str, agent: Option<PathBuf>) -> ExitCode {
+    let opts = match args.options(runtime, agent) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -225,5 +222,66 @@ pub async fn run(args: ExecuteArgs, agent: Option<PathBuf>) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ExecuteArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ExecuteOptions, String> {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.args.options("sandbox", None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn arguments() {
+        let o = parse(&["nb.ipynb"]).unwrap();
+        assert_eq!(o.output, Output::Stdout);
+        assert!(matches!(o.session, Session::Runtime { ref name, .. } if name == "sandbox"));
+        let o = parse(&[
+            "nb.ipynb",
+            "-o",
+            "out.ipynb",
+            "--continue-on-error",
+            "--env",
+            "A=b=c",
+        ])
+        .unwrap();
+        assert_eq!(o.output, Output::File("out.ipynb".into()));
+        assert!(o.continue_on_error);
+        assert_eq!(o.env, vec![("A".to_string(), "b=c".to_string())]);
+        let o = parse(&[
+            "doc.md",
+            "--in-place",
+            "--server",
+            "ws://h:9000",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(o.output, Output::InPlace);
+        assert!(
+            matches!(o.session, Session::Remote { ref token, .. } if token.as_deref() == Some("t"))
+        );
+        assert!(parse(&["doc.md", "--check", "--in-place"]).is_err());
+        assert!(parse(&["doc.md", "--check", "-o", "x.md"]).is_err());
+        assert!(
+            parse(&["doc.md", "--token", "t"]).is_err(),
+            "--token needs --server"
+        );
+        assert!(parse(&["doc.md", "--to", "ipynb"])
+            .unwrap_err()
+            .contains("converting"));
+        assert!(parse(&["doc.txt", "--from", "md", "--to", "md"]).is_ok());
+        assert!(parse(&["doc.md", "--env", "NOEQUALS"]).is_err());
     }
 }

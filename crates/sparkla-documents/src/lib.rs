@@ -143,6 +143,35 @@ pub enum Session {
     },
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Session::Runtime {
+                name, environment, ..
+            } => f
+                .debug_struct("Runtime")
+                .field("name", name)
+                .field("environment", environment)
+                .finish(),
+            Session::Given {
+                runtime,
+                environment,
+            } => f
+                .debug_struct("Given")
+                .field("runtime", &runtime.name())
+                .field("environment", environment)
+                .finish(),
+            Session::Remote {
+                url, environment, ..
+            } => f
+                .debug_struct("Remote")
+                .field("url", url)
+                .field("environment", environment)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 /// Whether to draw a progress bar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
@@ -152,7 +181,7 @@ pub enum Progress {
 }
 
 /// Everything [`execute`] needs (no clap here: see [`cli::ExecuteArgs`] for the command line).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ExecuteOptions {
     pub input: PathBuf,
     pub output: Output,
@@ -279,11 +308,22 @@ fn check_writable(path: &Path) -> Result<(), Error> {
         )));
     }
     let dir = dir_of(path);
+    if !dir.is_dir() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the directory {} does not exist", dir.display()),
+        )));
+    }
     tempfile::Builder::new()
         .prefix(".sparkla-probe-")
         .tempfile_in(&dir)
         .map(drop)
-        .map_err(err)?;
+        .map_err(|e| {
+            err(std::io::Error::new(
+                e.kind(),
+                format!("the directory {} is not writable ({e})", dir.display()),
+            ))
+        })?;
     if path.exists() {
         std::fs::OpenOptions::new()
             .append(true)
