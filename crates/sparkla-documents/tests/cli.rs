@@ -169,7 +169,7 @@ fn ctrl_c_leaves_the_input_intact() {
     let doc = dir.path().join("slow.md");
     let text = "```python\nprint('first')\n```\n\n```python\nimport time\nprint('started', flush=True)\ntime.sleep(60)\n```\n";
     std::fs::write(&doc, text).unwrap();
-    let mut child = Command::new(&cmd)
+    let child = Command::new(&cmd)
         .arg(&doc)
         .arg("--in-place")
         .stderr(Stdio::piped())
