@@ -796,3 +796,80 @@ async fn graceful_shutdown_leaves_nothing_behind() {
         "no longer listening"
     );
 }
+
+/// The agent of a session is killed from outside: the client is warned, the session restarts
+/// (state lost, stated) and works again; after `maxRestarts` it fails with a reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_death_restarts_then_fails() {
+    let _g = SERIAL.lock().await;
+    let server = server(|c| c.max_restarts = 1).await;
+    let mut c = connect_token(server.addr(), json!({})).await;
+    let s = c.call("begin", json!({"node": session()})).await;
+    let kill_agent = || {
+        let agents: Vec<i32> = descendants()
+            .into_iter()
+            .filter(|(_, name)| name == "agent" || name.starts_with("sparkla-agent"))
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(agents.len(), 1, "one agent: {:?}", descendants());
+        // SAFETY: plain syscall on a process this test owns.
+        unsafe { libc::kill(agents[0], libc::SIGKILL) };
+    };
+    c.call(
+        "execute",
+        json!({"node": chunk("python", "x = 1"), "session": s}),
+    )
+    .await;
+    kill_agent();
+    let n = c.notification().await;
+    assert_eq!(
+        (n["method"].as_str(), n["params"]["message"].as_str()),
+        (Some("warn"), Some("Session failed and will be restarted"))
+    );
+    let n = c.notification().await;
+    assert!(
+        n["params"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Session restarted"),
+        "{n}"
+    );
+    let out = c
+        .call(
+            "execute",
+            json!({"node": chunk("python", "'back'"), "session": s}),
+        )
+        .await;
+    assert_eq!(out["outputs"], json!(["back"]), "works after the restart");
+    kill_agent();
+    let n = c.notification().await;
+    assert_eq!(n["method"], "error", "{n}");
+    assert!(
+        n["params"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Session failed"),
+        "{n}"
+    );
+    let m = server.manager().clone();
+    let id = s["id"].as_str().unwrap().to_string();
+    eventually("session failed", || {
+        m.session(&id).unwrap()["status"] == "failed"
+    })
+    .await;
+    let out = c
+        .call(
+            "execute",
+            json!({"node": chunk("python", "1"), "session": s}),
+        )
+        .await;
+    assert!(
+        out["errors"][0]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("Session is inactive. Session failed"),
+        "{out}"
+    );
+    assert_no_descendants("after failure").await;
+    server.shutdown().await.unwrap();
+}

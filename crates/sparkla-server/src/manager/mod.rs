@@ -715,7 +715,7 @@ impl SessionManager {
             if restarts <= self.inner.config.max_restarts
                 && !self.inner.shutting_down.load(Ordering::SeqCst)
             {
-                self.notify_session(s, Level::Warn, format!("{RESTARTING}: {reason}"));
+                self.notify_session(s, Level::Warn, RESTARTING.to_string());
                 metrics::counter!("sparkla_session_restarts_total").increment(1);
                 match self.start_instance(s).await {
                     Ok(()) => {

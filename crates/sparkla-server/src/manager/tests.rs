@@ -553,7 +553,7 @@ async fn dead_agent_restarts_then_fails() {
     kill(&fake);
     let n = notes.recv().await.unwrap();
     assert_eq!(n.level, Level::Warn);
-    assert!(n.message.starts_with(RESTARTING), "{}", n.message);
+    assert_eq!(n.message, RESTARTING);
     let n = notes.recv().await.unwrap();
     assert!(n.message.starts_with("Session restarted"), "{}", n.message);
     let out = m
