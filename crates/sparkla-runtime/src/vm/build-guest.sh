@@ -5,8 +5,9 @@
 #                    at /sbin/sparkla-init, made with `mkfs.ext4 -d` (no mount, no loop device)
 #   OUT/vmlinuz      Debian's linux-image-cloud-amd64 kernel (for QEMU -M microvm)
 #   OUT/modules/     the few kernel modules the QEMU guest needs (virtio-mmio, virtio-blk,
-#                    virtio-console, virtio-rng, vsock), packed into OUT/initrd.img by the
-#                    caller (`sparkla guest build`, sparkla_runtime::vm::guest::build)
+#                    virtio-console) and OUT/sparkla-guest-init (stripped), packed into
+#                    OUT/initrd.img by the caller (`sparkla guest build`,
+#                    sparkla_runtime::vm::guest::build)
 #   OUT/guest.json   what was built (recipe hash, kernel version, sizes, times)
 #
 # Usage: build-guest.sh --agent PATH --init PATH [--out DIR] [--env-dir DIR] [--force]
@@ -40,7 +41,7 @@ SUITE=bookworm
 VARIANT=minbase
 PACKAGES="bash,procps,python3,nodejs"
 KERNEL_PACKAGE=linux-image-cloud-amd64
-MODULES="virtio_ring virtio virtio_mmio virtio_blk virtio_console virtio-rng vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
+MODULES="virtio_ring virtio virtio_mmio virtio_blk virtio_console"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1735689600}" # 2025-01-01T00:00:00Z
 UID_GID=1000
 
@@ -145,6 +146,11 @@ if [ "$FORCE" = 0 ] && [ -f "$OUT/rootfs.ext4" ] && [ "$(cat "$OUT/.stamp" 2>/de
 fi
 install -D -m 0755 "$AGENT" "$ENV_DIR/sbin/sparkla-agent"
 install -D -m 0755 "$INIT" "$ENV_DIR/sbin/sparkla-init"
+# debug builds carry megabytes of debug info the guest never reads (and TCG loads slowly)
+if command -v strip >/dev/null; then
+  strip --strip-debug "$ENV_DIR/sbin/sparkla-agent" "$ENV_DIR/sbin/sparkla-init"
+fi
+cp "$ENV_DIR/sbin/sparkla-init" "$OUT/sparkla-guest-init"
 mkdir -p "$ENV_DIR/home/sparkla" "$ENV_DIR/tmp" "$ENV_DIR/proc" "$ENV_DIR/sys" "$ENV_DIR/dev"
 find "$ENV_DIR" -newermt "@$SOURCE_DATE_EPOCH" -print0 2>/dev/null | xargs -0r touch -h -d "@$SOURCE_DATE_EPOCH" 2>/dev/null || true
 used_kib=$(du -sk --exclude=.sparkla-complete "$ENV_DIR" | cut -f1)

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `rootfs.ext4` | Debian bookworm minbase + bash, python3, nodejs, procps; `/sbin/sparkla-agent` (static) and `/sbin/sparkla-init` (static `sparkla-guest-init`); made with `mkfs.ext4 -d` (no mount); attached read-only | both |
 //! | `vmlinuz` | Debian's `linux-image-cloud-amd64` kernel (extracted from the .deb, never installed) | QEMU |
-//! | `initrd.img` | a tiny initramfs (uncompressed newc cpio written here): `sparkla-guest-init` as `/init` and the virtio modules it loads | QEMU |
+//! | `initrd.img` | a tiny initramfs (uncompressed newc cpio written here): `sparkla-guest-init` as `/init` and the virtio modules it loads (virtio_ring, virtio, virtio_mmio, virtio_blk, virtio_console; ext4 is built in) | QEMU |
 //! | `guest.json` | what was built, and how long it took | – |
 //!
 //! Firecracker needs a kernel with virtio-mmio command-line devices
@@ -182,6 +182,9 @@ pub async fn build(opts: &BuildOptions) -> Result<GuestImage, RuntimeError> {
         return Err(build_err(format!("the build script failed ({status})")));
     }
     let image = GuestImage::at(&out);
+    // the script leaves a stripped copy of the init beside the modules
+    let stripped = out.join("sparkla-guest-init");
+    let init = if stripped.is_file() { stripped } else { init };
     write_initrd(&init, &out.join("modules"), &image.initrd)?;
     image.check_qemu()?;
     Ok(image)
@@ -317,7 +320,15 @@ mod tests {
     #[test]
     fn script_pins_recipe() {
         assert!(BUILD_SCRIPT.contains("SUITE=bookworm"));
-        for p in ["python3", "nodejs", "bash", "procps", "virtio_console", "virtio_blk"] {
+        for p in [
+            "python3",
+            "nodejs",
+            "bash",
+            "procps",
+            "virtio_mmio",
+            "virtio_console",
+            "virtio_blk",
+        ] {
             assert!(BUILD_SCRIPT.contains(p), "{p} missing from the recipe");
         }
     }

@@ -139,7 +139,8 @@ pub fn make_scratch(
         .map_err(|e| RuntimeError::io("writing the session environment", e))?;
     let image = home.join("scratch.ext4");
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "sparkla-scratch", "-m", "0"])
+        // no journal: the drive lives as long as the session
+        .args(["-q", "-F", "-L", "sparkla-scratch", "-m", "0", "-O", "^has_journal"])
         .args(["-E", "root_owner=1000:1000,lazy_itable_init=1"])
         .arg("-d")
         .arg(&seed)

@@ -7,7 +7,7 @@
 //!   so (`warn`). A KVM boot that still fails falls back to TCG for the rest of the runtime.
 //! * **Devices:** the read-only `rootfs.ext4` and a per-session scratch drive (ext4, made with
 //!   `mkfs.ext4 -d`, holding the session's environment variables for the init) as
-//!   virtio-blk; virtio-rng; a virtio-console port named [`super::AGENT_PORT_NAME`] whose
+//!   virtio-blk; a virtio-console port named [`super::AGENT_PORT_NAME`] whose
 //!   chardev is a Unix socket `agent.sock` in the VM home, on which *this process listens*
 //!   and QEMU connects (so there is no race with the agent's `ready` line); the kernel console
 //!   (ttyS0) goes to `console.log` in the VM home, QEMU's own stderr to `qemu.log`.
@@ -238,8 +238,6 @@ impl QemuRuntime {
             format!("id=scratch,file={},format=raw,if=none", h("scratch.ext4")),
             "-device".into(),
             "virtio-blk-device,drive=scratch".into(),
-            "-device".into(),
-            "virtio-rng-device".into(),
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
