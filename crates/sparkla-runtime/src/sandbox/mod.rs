@@ -613,7 +613,7 @@ fn subid_overlap(file: &str, start: u64, end: u64) -> Option<String> {
     let text = std::fs::read_to_string(file).ok()?;
     text.lines().find_map(|l| {
         let mut it = l.trim().split(':');
-        let (name, s, c) = (it.next()?, it.next()?, it.next()?);
+        let (_name, s, c) = (it.next()?, it.next()?, it.next()?);
         let (s, c) = (s.parse::<u64>().ok()?, c.parse::<u64>().ok()?);
         (s < end && start < s + c).then(|| l.trim().to_string())
     })

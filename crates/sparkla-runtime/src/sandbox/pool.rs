@@ -190,22 +190,44 @@ impl Pool {
                 self.inner.wake.notify_one();
                 let alive = !warm.client.is_closed()
                     && warm.instance.state().await == InstanceState::Running;
-                let fits = alive
-                    && (same_limits || matches!(warm.instance.set_limits(&limits).await, Ok(true)));
-                if fits {
-                    tracing::debug!(session_id = %spec.session_id, pooled = %warm.instance.session_id(), "session from the warm pool");
-                    return Ok((
-                        Box::new(Renamed {
-                            session_id: spec.session_id,
-                            inner: warm.instance,
-                        }),
-                        warm.client,
-                    ));
+                if !alive {
+                    let _ = warm.instance.stop().await;
+                    continue;
                 }
-                let _ = warm.instance.stop().await;
-                if alive {
-                    // The limits cannot be applied: this pool cannot serve the spec.
-                    break;
+                let applied = if same_limits {
+                    Ok(true)
+                } else {
+                    warm.instance.set_limits(&limits).await
+                };
+                match applied {
+                    Ok(true) => {
+                        tracing::debug!(session_id = %spec.session_id, pooled = %warm.instance.session_id(), "session from the warm pool");
+                        return Ok((
+                            Box::new(Renamed {
+                                session_id: spec.session_id,
+                                inner: warm.instance,
+                            }),
+                            warm.client,
+                        ));
+                    }
+                    Ok(false) => {
+                        // This runtime cannot change limits: keep the instance for a session
+                        // with the template's limits, and start this one cold.
+                        self.inner
+                            .idle
+                            .lock()
+                            .expect("pool lock")
+                            .entry(spec.environment.clone())
+                            .or_default()
+                            .push_front(warm);
+                        break;
+                    }
+                    Err(e) => {
+                        // E.g. a memory limit below what the warm kernel already uses.
+                        tracing::debug!(error = %e, "a warm instance cannot take the session's limits");
+                        let _ = warm.instance.stop().await;
+                        break;
+                    }
                 }
             }
         }
@@ -324,5 +346,186 @@ impl Instance for Renamed {
     }
     async fn stop(&mut self) -> Result<(), RuntimeError> {
         self.inner.stop().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool's logic over a fake runtime whose "agent" answers on an in-memory stream.
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    struct FakeRuntime {
+        started: AtomicUsize,
+        stopped: Arc<AtomicUsize>,
+        can_set_limits: bool,
+        die: std::sync::atomic::AtomicBool,
+    }
+
+    struct FakeInstance {
+        id: String,
+        stream: Mutex<Option<(BoxRead, BoxWrite)>>,
+        stopped: Arc<AtomicUsize>,
+        can_set_limits: bool,
+        running: std::sync::atomic::AtomicBool,
+    }
+
+    /// A minimal agent: `ready`, then `true` to every request.
+    fn fake_agent(die: bool) -> (BoxRead, BoxWrite) {
+        let (host, agent) = tokio::io::duplex(64 * 1024);
+        let (host_r, host_w) = tokio::io::split(host);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(agent);
+            w.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"ready\",\"params\":{\"version\":\"0\",\"pid\":1,\"languages\":[]}}\n")
+                .await
+                .unwrap();
+            if die {
+                return;
+            }
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                let resp = serde_json::json!({"jsonrpc":"2.0","id":v["id"],"result":true});
+                let _ = w.write_all(format!("{resp}\n").as_bytes()).await;
+            }
+        });
+        (Box::new(host_r), Box::new(host_w))
+    }
+
+    #[async_trait]
+    impl Runtime for FakeRuntime {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn prepare(&self, _: Option<&str>) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, RuntimeError> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(FakeInstance {
+                id: spec.session_id,
+                stream: Mutex::new(Some(fake_agent(self.die.load(Ordering::SeqCst)))),
+                stopped: self.stopped.clone(),
+                can_set_limits: self.can_set_limits,
+                running: true.into(),
+            }))
+        }
+        async fn sweep(&self) -> Result<crate::SweepReport, RuntimeError> {
+            Ok(Default::default())
+        }
+    }
+
+    #[async_trait]
+    impl Instance for FakeInstance {
+        fn session_id(&self) -> &str {
+            &self.id
+        }
+        fn take_stream(&mut self) -> Option<(BoxRead, BoxWrite)> {
+            self.stream.lock().unwrap().take()
+        }
+        async fn state(&self) -> InstanceState {
+            if self.running.load(Ordering::SeqCst) {
+                InstanceState::Running
+            } else {
+                InstanceState::Exited {
+                    reason: "stopped".into(),
+                }
+            }
+        }
+        async fn oom_kills(&self) -> u64 {
+            0
+        }
+        async fn set_limits(&self, _: &Limits) -> Result<bool, RuntimeError> {
+            Ok(self.can_set_limits)
+        }
+        async fn stop(&mut self) -> Result<(), RuntimeError> {
+            self.running.store(false, Ordering::SeqCst);
+            self.stopped.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn fake(can_set_limits: bool) -> Arc<FakeRuntime> {
+        Arc::new(FakeRuntime {
+            started: AtomicUsize::new(0),
+            stopped: Arc::new(AtomicUsize::new(0)),
+            can_set_limits,
+            die: false.into(),
+        })
+    }
+
+    fn spec(id: &str) -> InstanceSpec {
+        InstanceSpec {
+            session_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn hands_out_refills_and_renames() {
+        let rt = fake(true);
+        let pool = Pool::new(rt.clone(), PoolConfig::default());
+        assert!(pool.wait_full(Duration::from_secs(5)).await);
+        assert_eq!(rt.started.load(Ordering::SeqCst), 2);
+        let (inst, _c) = pool.begin(spec("s1")).await.unwrap();
+        assert_eq!(inst.session_id(), "s1");
+        assert_eq!(rt.started.load(Ordering::SeqCst), 2, "not from the pool");
+        assert!(pool.wait_full(Duration::from_secs(5)).await);
+        assert_eq!(rt.started.load(Ordering::SeqCst), 3, "refilled once");
+        // Limits applied at hand-out by a runtime that can.
+        let mut s = spec("s2");
+        s.limits.memory_bytes = Some(1 << 30);
+        pool.begin(s).await.unwrap();
+        assert_eq!(rt.started.load(Ordering::SeqCst), 3);
+        assert!(pool.wait_full(Duration::from_secs(5)).await);
+        assert_eq!(rt.started.load(Ordering::SeqCst), 4, "refilled once");
+        // Not poolable: cold, and the pool stays full.
+        let mut s = spec("s3");
+        s.network = true;
+        pool.begin(s).await.unwrap();
+        assert_eq!(rt.started.load(Ordering::SeqCst), 5);
+        assert_eq!(pool.idle(), 2);
+        pool.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn keeps_warm_instances_a_runtime_cannot_limit() {
+        let rt = fake(false);
+        let pool = Pool::new(rt.clone(), PoolConfig::default());
+        assert!(pool.wait_full(Duration::from_secs(5)).await);
+        let mut s = spec("limited");
+        s.limits.cpu_cores = Some(0.5);
+        pool.begin(s).await.unwrap();
+        // A cold start; the warm instances were kept, not stopped.
+        assert_eq!(rt.started.load(Ordering::SeqCst), 3);
+        assert_eq!(rt.stopped.load(Ordering::SeqCst), 0);
+        assert_eq!(pool.idle(), 2);
+        pool.shutdown().await;
+        assert_eq!(rt.stopped.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn dead_warm_instances_are_skipped() {
+        let rt = fake(true);
+        rt.die.store(true, Ordering::SeqCst);
+        let pool = Pool::new(
+            rt.clone(),
+            PoolConfig {
+                size: 1,
+                ..Default::default()
+            },
+        );
+        assert!(pool.wait_full(Duration::from_secs(5)).await);
+        // The warm instance's agent is gone by now (its stream closed after `ready`).
+        rt.die.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_inst, client) = pool.begin(spec("s")).await.unwrap();
+        assert!(!client.is_closed(), "handed out a dead instance");
+        assert!(
+            rt.stopped.load(Ordering::SeqCst) >= 1,
+            "dead instance not stopped"
+        );
+        pool.shutdown().await;
     }
 }
