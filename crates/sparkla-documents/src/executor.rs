@@ -136,6 +136,17 @@ async fn host_versions(ready: &Ready) -> Value {
     Value::Object(out)
 }
 
+/// The id (digest) and repository digests of a Docker image, for provenance.
+async fn docker_image(image: &str) -> Value {
+    let Ok(docker) = bollard::Docker::connect_with_local_defaults() else {
+        return json!({ "name": image });
+    };
+    match docker.inspect_image(image).await {
+        Ok(info) => json!({"name": image, "id": info.id, "repoDigests": info.repo_digests}),
+        Err(_) => json!({ "name": image }),
+    }
+}
+
 #[async_trait]
 impl Executor for Embedded {
     async fn begin(&mut self) -> Result<SessionInfo, Error> {
@@ -174,6 +185,15 @@ impl Executor for Embedded {
         });
         if host {
             environment["interpreters"] = host_versions(&ready).await;
+        }
+        if runtime == "docker" {
+            let image = self
+                .spec
+                .environment
+                .clone()
+                .unwrap_or_else(|| sparkla_runtime::docker::DEFAULT_IMAGE.to_string());
+            environment["name"] = json!(image);
+            environment["image"] = docker_image(&image).await;
         }
         Ok(SessionInfo {
             runtime,

@@ -395,6 +395,25 @@ fn unsupported_language(r: &ChunkResult) -> bool {
             .all(|e| e.error_type.as_deref() == Some("UnknownLanguage"))
 }
 
+/// The executor of a document without code: starts nothing.
+struct NoSession;
+
+#[async_trait::async_trait]
+impl Executor for NoSession {
+    async fn begin(&mut self) -> Result<executor::SessionInfo, Error> {
+        Ok(executor::SessionInfo {
+            runtime: "none".into(),
+            environment: Value::Null,
+        })
+    }
+    async fn execute(&mut self, _job: &str, _node: Value) -> Result<ChunkResult, Error> {
+        Err(Error::Session("no session".into()))
+    }
+    async fn end(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// Execute a document: see the crate documentation.
 pub async fn execute(opts: ExecuteOptions) -> Result<Report, Error> {
     let started = Instant::now();
@@ -431,6 +450,8 @@ pub async fn execute(opts: ExecuteOptions) -> Result<Report, Error> {
     let stored: Vec<Value> = (0..chunks.len()).map(|i| doc.stored(i)).collect();
 
     let mut executor: Box<dyn Executor> = match &opts.session {
+        // Nothing to run: no session.
+        _ if chunks.is_empty() => Box::new(NoSession),
         Session::Runtime {
             name,
             agent,

@@ -436,6 +436,16 @@ async fn bad_input_and_unwritable_output_fail_before_any_session() {
         other => panic!("expected the runtime to be refused, got {other:?}"),
     }
     assert_eq!(std::fs::read(&good).unwrap(), original);
+    // A document without code needs no session (the bogus runtime is never asked for).
+    let prose = dir.path().join("prose.md");
+    std::fs::write(&prose, "# Only prose\n\n```json\n{}\n```\n").unwrap();
+    let report = execute(opts(prose)).await.expect("no session needed");
+    assert_eq!(report.runtime, "none");
+    let text = String::from_utf8(report.document.unwrap()).unwrap();
+    assert!(
+        text.starts_with("# Only prose\n\n```json\n{}\n```\n"),
+        "{text}"
+    );
     // No temp files left behind by the write probes.
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
