@@ -97,8 +97,11 @@ impl Spec {
         }
         if let Some(e) = schema.get("enum").and_then(Value::as_array) {
             // YAML enums may be unquoted scalars (2M); compare as strings too
-            let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-            if !e.iter().any(|x| x == v || x.as_str() == Some(&s) || x.to_string() == s) {
+            let s = v
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            if !e.iter().any(|x| x == v || x.as_str() == Some(&s)) {
                 errs.push(format!("{at}: {v} is not one of {e:?}"));
             }
         }
@@ -139,9 +142,9 @@ impl Spec {
                     (None, Some(s)) if s.is_object() => {
                         self.validate(s, x, &format!("{at}.{k}"), errs)
                     }
-                    (None, _) if props.is_some() => {
-                        errs.push(format!("{at}: unknown property {k:?} (Firecracker refuses unknown fields)"))
-                    }
+                    (None, _) if props.is_some() => errs.push(format!(
+                        "{at}: unknown property {k:?} (Firecracker refuses unknown fields)"
+                    )),
                     _ => {}
                 }
             }
@@ -210,28 +213,81 @@ impl Spec {
 fn the_validator_catches_what_firecracker_would_refuse() {
     let spec = Spec::load();
     let ok = |m: &str, p: &str, b: Value| spec.validate_request(m, p, Some(&b));
-    assert!(ok("PUT", "/machine-config", json!({"vcpu_count": 2, "mem_size_mib": 256})).is_ok());
+    assert!(ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 2, "mem_size_mib": 256})
+    )
+    .is_ok());
     assert!(ok("PUT", "/drives/rootfs", json!({"drive_id": "rootfs", "is_root_device": true, "path_on_host": "/x", "is_read_only": true})).is_ok());
     let bad: Vec<(&str, &str, Value, &str)> = vec![
-        ("PUT", "/machine-config", json!({"vcpu_count": 2}), "required property \"mem_size_mib\""),
-        ("PUT", "/machine-config", json!({"vcpu_count": "2", "mem_size_mib": 1}), "expected integer"),
-        ("PUT", "/machine-config", json!({"vcpu_count": 33, "mem_size_mib": 1}), "maximum"),
-        ("PUT", "/machine-config", json!({"vcpu_count": 1, "mem_size_mib": 1, "memory": 1}), "unknown property"),
-        ("PUT", "/actions", json!({"action_type": "Boot"}), "is not one of"),
-        ("PUT", "/vsock", json!({"guest_cid": 2, "uds_path": "v"}), "minimum"),
-        ("PUT", "/snapshot/load", json!({"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "m"}}), "body.mem_backend.backend_type"),
+        (
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 2}),
+            "required property \"mem_size_mib\"",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": "2", "mem_size_mib": 1}),
+            "expected integer",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 33, "mem_size_mib": 1}),
+            "maximum",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 1, "memory": 1}),
+            "unknown property",
+        ),
+        (
+            "PUT",
+            "/actions",
+            json!({"action_type": "Boot"}),
+            "is not one of",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            json!({"guest_cid": 2, "uds_path": "v"}),
+            "minimum",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "m"}}),
+            "body.mem_backend.backend_type",
+        ),
         ("PUT", "/nowhere", json!({}), "no path"),
         ("DELETE", "/drives/x", json!({}), "not an operation"),
     ];
     for (m, p, b, want) in bad {
-        let errs = spec.validate_request(m, p, Some(&b)).unwrap_err().join("; ");
-        assert!(errs.contains(want), "{m} {p} {b}: {errs:?} should mention {want:?}");
+        let errs = spec
+            .validate_request(m, p, Some(&b))
+            .unwrap_err()
+            .join("; ");
+        assert!(
+            errs.contains(want),
+            "{m} {p} {b}: {errs:?} should mention {want:?}"
+        );
     }
-    assert!(spec.validate_request("PUT", "/actions", None).is_err(), "missing body");
+    assert!(
+        spec.validate_request("PUT", "/actions", None).is_err(),
+        "missing body"
+    );
     assert!(spec.validate_request("GET", "/", None).is_ok());
     assert!(spec.validate_response("PUT", "/actions", 204, None).is_ok());
-    assert!(spec.validate_response("PUT", "/actions", 400, Some(&json!({"fault_message": "x"}))).is_ok());
-    assert!(spec.validate_response("GET", "/", 200, Some(&json!({"id": "x"}))).is_err());
+    assert!(spec
+        .validate_response("PUT", "/actions", 400, Some(&json!({"fault_message": "x"})))
+        .is_ok());
+    assert!(spec
+        .validate_response("GET", "/", 200, Some(&json!({"id": "x"})))
+        .is_err());
 }
 
 #[test]
@@ -260,7 +316,11 @@ fn every_request_the_runtime_builds_matches_the_spec() {
     }
     for (m, p, b) in [
         ("PATCH", "/vm", json!({"state": "Paused"})),
-        ("PUT", "/snapshot/create", json!({"snapshot_type": "Full", "snapshot_path": "/a", "mem_file_path": "/b"})),
+        (
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": "/a", "mem_file_path": "/b"}),
+        ),
     ] {
         spec.validate_request(m, p, Some(&b)).unwrap();
     }
@@ -371,29 +431,54 @@ async fn double_conn(
             violations.push("the body is not JSON".into());
         }
         let (status, answer) = if !violations.is_empty() {
-            (400, Some(json!({"fault_message": format!("invalid request: {}", violations.join("; "))})))
+            (
+                400,
+                Some(
+                    json!({"fault_message": format!("invalid request: {}", violations.join("; "))}),
+                ),
+            )
         } else if fault == format!("{method} {path}") {
-            (400, Some(json!({"fault_message": format!("injected fault on {method} {path}")})))
+            (
+                400,
+                Some(json!({"fault_message": format!("injected fault on {method} {path}")})),
+            )
         } else {
             double_apply(state, &method, &path, body.as_ref().unwrap_or(&Value::Null)).await
         };
         let mut answer_errs = Vec::new();
         if let Err(e) = spec.validate_response(&method, &path, status, answer.as_ref()) {
-            if !violations.iter().any(|v| v.contains("no path") || v.contains("not an operation")) {
+            if !violations
+                .iter()
+                .any(|v| v.contains("no path") || v.contains("not an operation"))
+            {
                 answer_errs.push(e);
             }
         }
         let entry = json!({"method": method, "path": path, "body": body, "status": status, "violations": violations, "answer": answer, "answer_violations": answer_errs});
         {
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
             writeln!(f, "{entry}")?;
         }
         let payload = answer.map(|a| a.to_string()).unwrap_or_default();
-        let reason = if status == 204 { "No Content" } else if status == 200 { "OK" } else { "Bad Request" };
-        let mut resp = format!("HTTP/1.1 {status} {reason}\r\nServer: Firecracker API\r\nConnection: keep-alive\r\n");
+        let reason = if status == 204 {
+            "No Content"
+        } else if status == 200 {
+            "OK"
+        } else {
+            "Bad Request"
+        };
+        let mut resp = format!(
+            "HTTP/1.1 {status} {reason}\r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+        );
         if !payload.is_empty() {
-            resp.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", payload.len()));
+            resp.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                payload.len()
+            ));
         }
         resp.push_str("\r\n");
         resp.push_str(&payload);
@@ -423,22 +508,33 @@ async fn double_apply(
     match (method, path) {
         ("GET", "/") => (
             200,
-            Some(json!({"app_name": "Firecracker", "id": s.id, "state": if s.paused { "Paused" } else if s.started { "Running" } else { "Not started" }, "vmm_version": "1.17.0-double"})),
+            Some(
+                json!({"app_name": "Firecracker", "id": s.id, "state": if s.paused { "Paused" } else if s.started { "Running" } else { "Not started" }, "vmm_version": "1.17.0-double"}),
+            ),
         ),
         ("PUT", p) if pre_boot_only.contains(&p) || p.starts_with("/drives/") => {
             if s.started || s.loaded {
-                return fault(format!("The requested operation is not supported after starting the microVM ({p})"));
+                return fault(format!(
+                    "The requested operation is not supported after starting the microVM ({p})"
+                ));
             }
-            if p.starts_with("/drives/") && body["drive_id"].as_str() != p.strip_prefix("/drives/") {
+            if p.starts_with("/drives/") && body["drive_id"].as_str() != p.strip_prefix("/drives/")
+            {
                 return fault("The id from the path does not match the id from the body!".into());
             }
             if p == "/vsock" {
                 s.vsock_uds = body["uds_path"].as_str().map(str::to_string);
             }
-            if p == "/boot-source" && !Path::new(body["kernel_image_path"].as_str().unwrap_or("")).is_file() {
-                return fault("Cannot open kernel image: No such file or directory (os error 2)".into());
+            if p == "/boot-source"
+                && !Path::new(body["kernel_image_path"].as_str().unwrap_or("")).is_file()
+            {
+                return fault(
+                    "Cannot open kernel image: No such file or directory (os error 2)".into(),
+                );
             }
-            if p.starts_with("/drives/") && !Path::new(body["path_on_host"].as_str().unwrap_or("")).is_file() {
+            if p.starts_with("/drives/")
+                && !Path::new(body["path_on_host"].as_str().unwrap_or("")).is_file()
+            {
                 return fault("Unable to open the block device backing file: No such file or directory (os error 2)".into());
             }
             s.configured.push(p.to_string());
@@ -446,7 +542,9 @@ async fn double_apply(
         }
         ("PUT", "/actions") if body["action_type"] == "InstanceStart" => {
             if s.started || s.loaded {
-                return fault("The requested operation is not supported after starting the microVM.".into());
+                return fault(
+                    "The requested operation is not supported after starting the microVM.".into(),
+                );
             }
             for need in ["/boot-source", "/drives/rootfs"] {
                 if !s.configured.iter().any(|c| c == need) {
@@ -460,14 +558,18 @@ async fn double_apply(
         }
         ("PATCH", "/vm") => {
             if !s.started {
-                return fault("The requested operation is not supported before starting the microVM.".into());
+                return fault(
+                    "The requested operation is not supported before starting the microVM.".into(),
+                );
             }
             s.paused = body["state"] == "Paused";
             (204, None)
         }
         ("PUT", "/snapshot/create") => {
             if !s.paused {
-                return fault("Cannot create a snapshot of a running microVM: pause it first".into());
+                return fault(
+                    "Cannot create a snapshot of a running microVM: pause it first".into(),
+                );
             }
             let snap = json!({"vsock_uds": s.vsock_uds, "configured": s.configured});
             std::fs::write(body["snapshot_path"].as_str().unwrap(), snap.to_string()).unwrap();
@@ -475,15 +577,27 @@ async fn double_apply(
             (204, None)
         }
         ("PUT", "/snapshot/load") => {
-            if s.started || !s.configured.iter().all(|c| c == "/logger" || c == "/metrics") {
+            if s.started
+                || !s
+                    .configured
+                    .iter()
+                    .all(|c| c == "/logger" || c == "/metrics")
+            {
                 return fault("Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
             }
-            let Ok(snap) = std::fs::read_to_string(body["snapshot_path"].as_str().unwrap_or("")) else {
-                return fault("Cannot open the snapshot file: No such file or directory (os error 2)".into());
+            let Ok(snap) = std::fs::read_to_string(body["snapshot_path"].as_str().unwrap_or(""))
+            else {
+                return fault(
+                    "Cannot open the snapshot file: No such file or directory (os error 2)".into(),
+                );
             };
-            let mem = body["mem_backend"]["backend_path"].as_str().or(body["mem_file_path"].as_str());
+            let mem = body["mem_backend"]["backend_path"]
+                .as_str()
+                .or(body["mem_file_path"].as_str());
             if !mem.map(|m| Path::new(m).is_file()).unwrap_or(false) {
-                return fault("Cannot open the memory file: No such file or directory (os error 2)".into());
+                return fault(
+                    "Cannot open the memory file: No such file or directory (os error 2)".into(),
+                );
             }
             let snap: Value = serde_json::from_str(&snap).unwrap();
             // the snapshot's drives must be there, relative to our working directory
@@ -502,7 +616,9 @@ async fn double_apply(
             }
             (204, None)
         }
-        _ => fault(format!("Invalid request method and/or path: {method} {path}")),
+        _ => fault(format!(
+            "Invalid request method and/or path: {method} {path}"
+        )),
     }
 }
 
@@ -527,7 +643,9 @@ async fn boot_guest(s: &mut DoubleState, uds: Option<String>) {
     let listener = UnixListener::bind(&uds).unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = listener.accept().await else { return };
+            let Ok((conn, _)) = listener.accept().await else {
+                return;
+            };
             let agent_sock = agent_sock.clone();
             tokio::spawn(async move {
                 let mut conn = BufReader::new(conn);
@@ -589,7 +707,10 @@ fn fake_binary() -> PathBuf {
 /// A runtime whose `firecracker` is `binary`, with a dummy kernel and rootfs, in a fresh
 /// base directory (returned with it).
 fn runtime_with(binary: &Path, snapshots: bool) -> (FirecrackerRuntime, tempfile::TempDir) {
-    let dir = tempfile::Builder::new().prefix("sparkla-fc-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("sparkla-fc-")
+        .tempdir()
+        .unwrap();
     std::fs::write(dir.path().join("vmlinux"), "kernel").unwrap();
     std::fs::write(dir.path().join("rootfs.ext4"), "rootfs").unwrap();
     let mut c = FirecrackerConfig::new("tfc");
@@ -616,13 +737,23 @@ fn assert_all_valid(reqs: &[Value]) {
     assert!(!reqs.is_empty(), "the double saw no request");
     for r in reqs {
         assert_eq!(r["violations"], json!([]), "request broke the spec: {r}");
-        assert_eq!(r["answer_violations"], json!([]), "the double answered off-spec: {r}");
+        assert_eq!(
+            r["answer_violations"],
+            json!([]),
+            "the double answered off-spec: {r}"
+        );
     }
 }
 
 fn calls(reqs: &[Value]) -> Vec<String> {
     reqs.iter()
-        .map(|r| format!("{} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["method"].as_str().unwrap(),
+                r["path"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -658,7 +789,11 @@ async fn assert_nothing_left(dir: &Path) {
         left = processes_mentioning(&needle);
     }
     assert!(left.is_empty(), "processes left: {left:#?}");
-    let homes: Vec<_> = std::fs::read_dir(dir.join("vms")).unwrap().flatten().map(|e| e.path()).collect();
+    let homes: Vec<_> = std::fs::read_dir(dir.join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(homes.is_empty(), "VM homes left: {homes:?}");
 }
 
@@ -685,12 +820,29 @@ async fn cold_boot_against_the_double_executes_and_leaves_nothing() {
     let sh = common::conformance::exec(&client, "bash", "echo via vsock").await;
     assert_eq!(common::conformance::text(&sh), "via vsock\n");
     // the home holds what the README says
-    let home = std::fs::read_dir(dir.path().join("vms")).unwrap().flatten().next().unwrap().path();
-    for f in ["api.sock", "log.fifo", "metrics.fifo", "v.sock", "scratch.ext4", "vmm.pid", "firecracker.out"] {
+    let home = std::fs::read_dir(dir.path().join("vms"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    for f in [
+        "api.sock",
+        "log.fifo",
+        "metrics.fifo",
+        "v.sock",
+        "scratch.ext4",
+        "vmm.pid",
+        "firecracker.out",
+    ] {
         assert!(home.join(f).exists(), "{f} missing from {}", home.display());
     }
     // the API answers GET / as the spec documents
-    let info = ApiClient::new(home.join("api.sock")).get("/").await.unwrap().unwrap();
+    let info = ApiClient::new(home.join("api.sock"))
+        .get("/")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(info["state"], "Running", "{info}");
     common::conformance::end(inst, client).await;
 
@@ -712,10 +864,16 @@ async fn cold_boot_against_the_double_executes_and_leaves_nothing() {
         "{c:?}"
     );
     let mc = &reqs[2]["body"];
-    assert_eq!((mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()), (Some(1), Some(512)));
+    assert_eq!(
+        (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
+        (Some(1), Some(512))
+    );
     assert_eq!(reqs[4]["body"]["is_read_only"], true);
     assert_eq!(reqs[5]["body"]["is_read_only"], false);
-    assert!(reqs[3]["body"]["boot_args"].as_str().unwrap().contains("sparkla.listen=vsock:1024"));
+    assert!(reqs[3]["body"]["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("sparkla.listen=vsock:1024"));
     assert_nothing_left(dir.path()).await;
 }
 
@@ -760,16 +918,29 @@ async fn api_faults_are_surfaced_and_reclaimed() {
     }
     let api = ApiClient::new(&sock);
     let e = api
-        .put("/machine-config", &json!({"vcpu_count": 64, "mem_size_mib": 128}))
+        .put(
+            "/machine-config",
+            &json!({"vcpu_count": 64, "mem_size_mib": 128}),
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, ApiError::Fault { status: 400, .. }), "{e}");
     assert!(e.to_string().contains("64 > maximum 32"), "{e}");
-    let e = api.put("/actions", &json!({"action_type": "InstanceStart"})).await.unwrap_err();
+    let e = api
+        .put("/actions", &json!({"action_type": "InstanceStart"}))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("without /boot-source"), "{e}");
     let _ = child.kill().await;
-    let e = ApiClient::new(api_dir.path().join("none.sock")).get("/").await.unwrap_err();
-    assert!(matches!(e, ApiError::Io { .. }) && e.to_string().contains("cannot reach the Firecracker API"), "{e}");
+    let e = ApiClient::new(api_dir.path().join("none.sock"))
+        .get("/")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ApiError::Io { .. })
+            && e.to_string().contains("cannot reach the Firecracker API"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -789,7 +960,13 @@ async fn snapshot_then_restore_against_the_double() {
     let tail: Vec<&str> = c.iter().map(String::as_str).skip(8).collect();
     assert_eq!(
         tail,
-        ["PATCH /vm", "PUT /snapshot/create", "PUT /logger", "PUT /metrics", "PUT /snapshot/load"],
+        [
+            "PATCH /vm",
+            "PUT /snapshot/create",
+            "PUT /logger",
+            "PUT /metrics",
+            "PUT /snapshot/load"
+        ],
         "{c:?}"
     );
     let load = &reqs.last().unwrap()["body"];
@@ -797,9 +974,18 @@ async fn snapshot_then_restore_against_the_double() {
     assert_eq!(load["vsock_override"]["uds_path"], "v.sock");
     // a second session restores from the same snapshot without booting a template again
     let (inst, client) = begin(&rt, "restored-2").await.expect("second restore");
-    assert_eq!(common::conformance::outputs(&common::conformance::exec(&client, "python", "1").await), vec![json!(1)]);
+    assert_eq!(
+        common::conformance::outputs(&common::conformance::exec(&client, "python", "1").await),
+        vec![json!(1)]
+    );
     common::conformance::end(inst, client).await;
-    assert_eq!(calls(&requests(tmp.path())).iter().filter(|c| *c == "PUT /snapshot/create").count(), 1);
+    assert_eq!(
+        calls(&requests(tmp.path()))
+            .iter()
+            .filter(|c| *c == "PUT /snapshot/create")
+            .count(),
+        1
+    );
     // the snapshot directory is the template's home: the sweep reclaims it
     let swept = rt.sweep().await.unwrap();
     assert_eq!(swept.directories, 1, "{swept:?}");
@@ -832,7 +1018,11 @@ async fn kvm_access_is_checked_and_explained() {
 
 /// A vsock socket double: expects `CONNECT <port>\n`, answers `reply`, then proxies to a
 /// real agent process over its stdio (when `agent` is given).
-async fn vsock_double(uds: &Path, reply: &'static str, agent: Option<PathBuf>) -> tokio::task::JoinHandle<String> {
+async fn vsock_double(
+    uds: &Path,
+    reply: &'static str,
+    agent: Option<PathBuf>,
+) -> tokio::task::JoinHandle<String> {
     let listener = UnixListener::bind(uds).unwrap();
     tokio::spawn(async move {
         let (conn, _) = listener.accept().await.unwrap();
@@ -853,8 +1043,13 @@ async fn vsock_double(uds: &Path, reply: &'static str, agent: Option<PathBuf>) -
             let mut stdin = child.stdin.take().unwrap();
             let mut stdout = child.stdout.take().unwrap();
             let (mut r, mut w) = conn.into_inner().into_split();
-            let a = async { tokio::io::copy(&mut r, &mut stdin).await.ok(); drop(stdin); };
-            let b = async { tokio::io::copy(&mut stdout, &mut w).await.ok(); };
+            let a = async {
+                tokio::io::copy(&mut r, &mut stdin).await.ok();
+                drop(stdin);
+            };
+            let b = async {
+                tokio::io::copy(&mut stdout, &mut w).await.ok();
+            };
             tokio::join!(a, b);
             let _ = child.kill().await;
         }
@@ -874,11 +1069,21 @@ async fn hybrid_vsock_handshake_reaches_a_real_agent() {
     assert_eq!(host_port, 1073741824);
     let (r, w) = stream.into_split();
     let client = AgentClient::new(Box::new(r), Box::new(w));
-    tokio::time::timeout(Duration::from_secs(60), client.ready()).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), client.ready())
+        .await
+        .unwrap()
+        .unwrap();
     let py = common::conformance::exec(&client, "python", "'through vsock'").await;
-    assert_eq!(common::conformance::outputs(&py), vec![json!("through vsock")]);
+    assert_eq!(
+        common::conformance::outputs(&py),
+        vec![json!("through vsock")]
+    );
     drop(client);
-    assert_eq!(double.await.unwrap(), "CONNECT 1024\n", "the exact handshake line");
+    assert_eq!(
+        double.await.unwrap(),
+        "CONNECT 1024\n",
+        "the exact handshake line"
+    );
 }
 
 #[tokio::test]
@@ -896,9 +1101,16 @@ async fn hybrid_vsock_failures_are_clear() {
     let e = vsock::connect(&uds, 1024).await.unwrap_err().to_string();
     assert!(e.contains("expected \"OK <port>\", got \"NOPE\""), "{e}");
     // no socket at all, retried until the deadline
-    let e = vsock::connect_retry(&dir.path().join("none.sock"), 1024, Duration::from_millis(100))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("no guest listened on vsock port 1024") && e.contains("No such file"), "{e}");
+    let e = vsock::connect_retry(
+        &dir.path().join("none.sock"),
+        1024,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no guest listened on vsock port 1024") && e.contains("No such file"),
+        "{e}"
+    );
 }

@@ -28,14 +28,19 @@ fn skip_reason() -> Option<String> {
         return Some("building the guest image needs root (CI runs as root)".into());
     }
     if !on_path("qemu-system-x86_64") {
-        return Some("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into());
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
     }
     if common::agent_path().is_none() {
         return Some("sparkla-agent is not built (cargo build -p sparkla-agent)".into());
     }
     let guest_dir = std::env::var_os("SPARKLA_GUEST_DIR");
     if guest_dir.is_none() && !on_path("mmdebstrap") {
-        return Some("mmdebstrap is not installed (apt-get install mmdebstrap) and no SPARKLA_GUEST_DIR".into());
+        return Some(
+            "mmdebstrap is not installed (apt-get install mmdebstrap) and no SPARKLA_GUEST_DIR"
+                .into(),
+        );
     }
     None
 }
@@ -95,7 +100,11 @@ async fn qemu_runtime_passes_the_conformance_suite() {
     let rt = QemuRuntime::new(config).await.expect("qemu runtime");
     eprintln!(
         "qemu runtime uses {}",
-        if rt.uses_kvm() { "KVM" } else { "TCG (KVM is not usable here)" }
+        if rt.uses_kvm() {
+            "KVM"
+        } else {
+            "TCG (KVM is not usable here)"
+        }
     );
 
     // A leftover of a crashed server is swept; a home of another server id is not.
@@ -123,12 +132,24 @@ async fn qemu_runtime_passes_the_conformance_suite() {
     )
     .await;
     let text = conformance::text(&info);
-    eprintln!("boot (start → agent ready): {:.2} s; agent pid {} in the guest; {text:?}", boot.as_secs_f64(), ready.pid);
+    eprintln!(
+        "boot (start → agent ready): {:.2} s; agent pid {} in the guest; {text:?}",
+        boot.as_secs_f64(),
+        ready.pid
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "1000 sparkla 1 /home/sparkla", "{text}");
     assert_eq!(lines[1], "ro", "root filesystem is read-only: {text}");
-    assert_eq!(lines[2], "boot", "session environment reached the agent: {text}");
-    let write = conformance::exec(&client, "bash", "touch /usr/x 2>&1 | grep -c 'Read-only'; echo hi > ~/f && cat ~/f").await;
+    assert_eq!(
+        lines[2], "boot",
+        "session environment reached the agent: {text}"
+    );
+    let write = conformance::exec(
+        &client,
+        "bash",
+        "touch /usr/x 2>&1 | grep -c 'Read-only'; echo hi > ~/f && cat ~/f",
+    )
+    .await;
     assert_eq!(conformance::text(&write), "1\nhi\n", "{write}");
     let home = base
         .path()
@@ -138,7 +159,13 @@ async fn qemu_runtime_passes_the_conformance_suite() {
         .find(|e| e.file_name().to_string_lossy().starts_with("vm-tq-boot"))
         .map(|e| e.path())
         .expect("a VM home for the session");
-    for f in ["agent.sock", "console.log", "scratch.ext4", "vmm.pid", "qemu.log"] {
+    for f in [
+        "agent.sock",
+        "console.log",
+        "scratch.ext4",
+        "vmm.pid",
+        "qemu.log",
+    ] {
         assert!(home.join(f).exists(), "{f} missing from {}", home.display());
     }
     assert_eq!(qemus_under(base.path()).len(), 1);
@@ -157,6 +184,12 @@ async fn qemu_runtime_passes_the_conformance_suite() {
         left = qemus_under(base.path());
     }
     assert!(left.is_empty(), "QEMU processes left: {left:#?}");
-    let homes: Vec<_> = base.path().read_dir().unwrap().flatten().map(|e| e.path()).collect();
+    let homes: Vec<_> = base
+        .path()
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(homes.is_empty(), "VM homes left: {homes:?}");
 }

@@ -255,26 +255,59 @@ mod guest {
     /// In the root filesystem: set up the session and run the agent.
     fn stage2() -> ! {
         let rw = libc::MS_NOSUID | libc::MS_NODEV;
-        mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "");
-        mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "");
+        mount(
+            "proc",
+            "/proc",
+            "proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        );
+        mount(
+            "sysfs",
+            "/sys",
+            "sysfs",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        );
         mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
-        mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+        mount(
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "gid=5,mode=620,ptmxmode=666",
+        );
         mount("tmpfs", "/dev/shm", "tmpfs", rw, "mode=1777,size=64m");
         let args = cmdline();
         let scratch: u64 = args
             .get("sparkla.scratch")
             .and_then(|s| s.parse().ok())
             .unwrap_or(256 << 20);
-        mount("tmpfs", "/tmp", "tmpfs", rw, &format!("mode=1777,size={scratch}"));
+        mount(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            rw,
+            &format!("mode=1777,size={scratch}"),
+        );
         mount("tmpfs", "/run", "tmpfs", rw, "mode=0755,size=16m");
         if let Some(dev) = find_by_label("sparkla-scratch") {
             if !mount(&dev, HOME, "ext4", rw, "") {
                 halt(&format!("cannot mount the scratch drive {dev}"));
             }
         } else {
-            mount("tmpfs", HOME, "tmpfs", rw, &format!("mode=0700,uid={UID},gid={UID},size={scratch}"));
+            mount(
+                "tmpfs",
+                HOME,
+                "tmpfs",
+                rw,
+                &format!("mode=0700,uid={UID},gid={UID},size={scratch}"),
+            );
         }
-        let host = args.get("sparkla.hostname").map(String::as_str).unwrap_or("sparkla");
+        let host = args
+            .get("sparkla.hostname")
+            .map(String::as_str)
+            .unwrap_or("sparkla");
         // SAFETY: a valid buffer and its length.
         unsafe {
             libc::sethostname(host.as_ptr() as *const libc::c_char, host.len());

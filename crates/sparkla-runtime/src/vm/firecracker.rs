@@ -128,8 +128,7 @@ pub mod api {
             path: &str,
             body: Option<&Value>,
         ) -> Result<Response, ApiError> {
-            match tokio::time::timeout(self.timeout, self.request_inner(method, path, body)).await
-            {
+            match tokio::time::timeout(self.timeout, self.request_inner(method, path, body)).await {
                 Ok(r) => r,
                 Err(_) => Err(ApiError::Timeout {
                     method: method.into(),
@@ -354,7 +353,10 @@ impl FirecrackerRuntime {
                 config.firecracker.display()
             ))
         })?;
-        for (what, f) in [("kernel", &config.kernel), ("root filesystem", &config.rootfs)] {
+        for (what, f) in [
+            ("kernel", &config.kernel),
+            ("root filesystem", &config.rootfs),
+        ] {
             if !f.is_file() {
                 return Err(RuntimeError::Environment {
                     name: "firecracker".into(),
@@ -396,7 +398,11 @@ impl FirecrackerRuntime {
                 "/logger".into(),
                 json!({"log_path": "log.fifo", "level": "Info", "show_level": true, "show_log_origin": false}),
             ),
-            ("PUT", "/metrics".into(), json!({"metrics_path": "metrics.fifo"})),
+            (
+                "PUT",
+                "/metrics".into(),
+                json!({"metrics_path": "metrics.fifo"}),
+            ),
             (
                 "PUT",
                 "/machine-config".into(),
@@ -438,7 +444,11 @@ impl FirecrackerRuntime {
                 "/logger".into(),
                 json!({"log_path": "log.fifo", "level": "Info", "show_level": true, "show_log_origin": false}),
             ),
-            ("PUT", "/metrics".into(), json!({"metrics_path": "metrics.fifo"})),
+            (
+                "PUT",
+                "/metrics".into(),
+                json!({"metrics_path": "metrics.fifo"}),
+            ),
             (
                 "PUT",
                 "/snapshot/load".into(),
@@ -764,7 +774,9 @@ impl FirecrackerInstance {
 
     /// A client of this VM's API socket.
     pub fn api(&self) -> Option<ApiClient> {
-        self.home.as_ref().map(|h| ApiClient::new(h.join("api.sock")))
+        self.home
+            .as_ref()
+            .map(|h| ApiClient::new(h.join("api.sock")))
     }
 }
 
@@ -859,6 +871,9 @@ mod tests {
         let args = rt.boot_args(&shape);
         assert!(args.contains("init=/sbin/sparkla-init"), "{args}");
         assert!(args.contains("sparkla.listen=vsock:1024"), "{args}");
-        assert!(args.starts_with("console=ttyS0 reboot=k panic=1 pci=off"), "{args}");
+        assert!(
+            args.starts_with("console=ttyS0 reboot=k panic=1 pci=off"),
+            "{args}"
+        );
     }
 }

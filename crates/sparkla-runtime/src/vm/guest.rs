@@ -139,7 +139,9 @@ pub async fn build(opts: &BuildOptions) -> Result<GuestImage, RuntimeError> {
         .agent
         .clone()
         .or_else(crate::process::find_agent)
-        .ok_or_else(|| build_err("the static sparkla-agent was not found (set SPARKLA_AGENT)".into()))?;
+        .ok_or_else(|| {
+            build_err("the static sparkla-agent was not found (set SPARKLA_AGENT)".into())
+        })?;
     let init = opts.init.clone().or_else(find_init).ok_or_else(|| {
         build_err(format!(
             "sparkla-guest-init was not found (cargo build -p sparkla-runtime --bin sparkla-guest-init, or set {INIT_ENV})"
@@ -200,7 +202,11 @@ pub fn write_initrd(init: &Path, modules_dir: &Path, out: &Path) -> Result<(), R
         cpio.dir(d);
     }
     cpio.node("dev/console", 0o020600, (5, 1));
-    cpio.file("init", 0o755, &std::fs::read(init).map_err(|e| io("reading the init", e))?);
+    cpio.file(
+        "init",
+        0o755,
+        &std::fs::read(init).map_err(|e| io("reading the init", e))?,
+    );
     cpio.file("sparkla-initramfs", 0o644, b"");
     let order = std::fs::read_to_string(modules_dir.join("order"))
         .map_err(|e| io("reading modules/order", e))?;
@@ -253,9 +259,8 @@ impl Newc {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
-            self.buf.push(0);
-        }
+        let len = self.buf.len().next_multiple_of(4);
+        self.buf.resize(len, 0);
     }
 
     fn dir(&mut self, name: &str) {
@@ -273,9 +278,8 @@ impl Newc {
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), b"");
         // the kernel reads the archive in 512-byte blocks
-        while self.buf.len() % 512 != 0 {
-            self.buf.push(0);
-        }
+        let len = self.buf.len().next_multiple_of(512);
+        self.buf.resize(len, 0);
         self.buf
     }
 }
@@ -311,7 +315,14 @@ mod tests {
         write_initrd(&d.path().join("init"), &m, &out).unwrap();
         let b = std::fs::read(&out).unwrap();
         let s = String::from_utf8_lossy(&b);
-        for needle in ["modules/a.ko", "modules/b.ko", "sparkla-initramfs", "dev/console", "INIT", "BBBB"] {
+        for needle in [
+            "modules/a.ko",
+            "modules/b.ko",
+            "sparkla-initramfs",
+            "dev/console",
+            "INIT",
+            "BBBB",
+        ] {
             assert!(s.contains(needle), "{needle} missing");
         }
         assert!(write_initrd(&d.path().join("init"), &d.path().join("none"), &out).is_err());

@@ -140,7 +140,16 @@ pub fn make_scratch(
     let image = home.join("scratch.ext4");
     let out = std::process::Command::new("mkfs.ext4")
         // no journal: the drive lives as long as the session
-        .args(["-q", "-F", "-L", "sparkla-scratch", "-m", "0", "-O", "^has_journal"])
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "sparkla-scratch",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+        ])
         .args(["-E", "root_owner=1000:1000,lazy_itable_init=1"])
         .arg("-d")
         .arg(&seed)
@@ -296,7 +305,10 @@ mod tests {
         create_home(base.path(), "other").unwrap();
         let r = sweep_homes(base.path(), "t1-");
         assert_eq!(r.directories, 1);
-        assert_eq!(r.processes, 0, "a pid that runs no VMM of that home is never killed");
+        assert_eq!(
+            r.processes, 0,
+            "a pid that runs no VMM of that home is never killed"
+        );
         assert!(!a.exists());
         assert!(base.path().join("vm-other").exists());
     }

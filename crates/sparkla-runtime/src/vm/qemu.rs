@@ -195,10 +195,7 @@ impl QemuRuntime {
             // Under TCG the microvm has no HPET or ACPI PM timer and calibrating the TSC
             // against the PIT fails, after which the guest's clock never ticks. TCG's TSC runs
             // at the host's TSC rate: tell the guest that rate.
-            append.push_str(&format!(
-                " tsc_early_khz={} tsc=reliable",
-                host_tsc_khz()
-            ));
+            append.push_str(&format!(" tsc_early_khz={} tsc=reliable", host_tsc_khz()));
         }
         let h = |f: &str| home.join(f).to_string_lossy().into_owned();
         let mut args: Vec<String> = vec![
@@ -243,7 +240,10 @@ impl QemuRuntime {
             "-chardev".into(),
             format!("socket,id=agent,path={}", h("agent.sock")),
             "-device".into(),
-            format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT_NAME),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                super::AGENT_PORT_NAME
+            ),
         ];
         if !kvm {
             // one TCG thread per vCPU where QEMU can
@@ -518,7 +518,9 @@ mod tests {
             },
             &Limits::default(),
         );
-        let args = rt.command_line(Path::new("/tmp/vm-x"), &shape, false).join(" ");
+        let args = rt
+            .command_line(Path::new("/tmp/vm-x"), &shape, false)
+            .join(" ");
         for needle in [
             "-M microvm ",
             "-accel tcg",
@@ -537,7 +539,9 @@ mod tests {
         ] {
             assert!(args.contains(needle), "{needle:?} missing from {args}");
         }
-        let kvm = rt.command_line(Path::new("/tmp/vm-x"), &shape, true).join(" ");
+        let kvm = rt
+            .command_line(Path::new("/tmp/vm-x"), &shape, true)
+            .join(" ");
         assert!(kvm.contains("microvm,accel=kvm") && kvm.contains("-cpu host"));
     }
 }

@@ -47,13 +47,13 @@ pub async fn connect(uds_path: &Path, port: u32) -> Result<(UnixStream, u32), Vs
         match s.read(&mut b).await {
             Ok(0) => {
                 return Err(VsockError::Handshake(format!(
-                    "the socket closed after CONNECT {port} (no guest listener on that port yet?){}",
-                    if line.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", after {:?}", String::from_utf8_lossy(&line))
-                    }
-                )))
+                "the socket closed after CONNECT {port} (no guest listener on that port yet?){}",
+                if line.is_empty() {
+                    String::new()
+                } else {
+                    format!(", after {:?}", String::from_utf8_lossy(&line))
+                }
+            )))
             }
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) => {
