@@ -395,6 +395,35 @@ impl Executor for Remote {
     }
 }
 
+/// Remove the sessions of `sparkla execute` processes that died without ending them (killed
+/// with SIGKILL, crashed): their cgroups are named `execute-<pid>-…` after the process that
+/// started them. Sessions of live processes (other `sparkla execute` runs) are left alone.
+pub fn reclaim_orphans(cgroups: &sparkla_runtime::cgroup::Cgroups) -> usize {
+    let mut n = 0;
+    for name in cgroups.children() {
+        let Some(pid) = name
+            .strip_prefix("execute-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match cgroups.open(&name).remove(Duration::from_secs(5)) {
+            Ok(()) => {
+                tracing::info!(session = %name, "reclaimed the session of a dead sparkla execute");
+                n += 1;
+            }
+            Err(e) => {
+                tracing::warn!(session = %name, error = %e, "cannot reclaim an orphaned session")
+            }
+        }
+    }
+    n
+}
+
 /// The runtime of the given name (`sandbox`, `docker`, `process`), using `agent` as the agent
 /// binary when given. Unlike a server, this sweeps nothing: a server on the same host keeps
 /// its sessions.
@@ -406,15 +435,17 @@ pub async fn runtime_named(name: &str, agent: Option<PathBuf>) -> Result<Arc<dyn
         Error::Session(format!("cannot use the {name} runtime: {e}"))
     };
     Ok(match name {
-        "sandbox" => Arc::new(
-            SandboxRuntime::new(SandboxConfig {
+        "sandbox" => {
+            let rt = SandboxRuntime::new(SandboxConfig {
                 agent,
                 cgroup_parent: "sparkla-execute".into(),
                 state_dir: PathBuf::from("/run/sparkla/execute"),
                 ..Default::default()
             })
-            .map_err(unavailable)?,
-        ),
+            .map_err(unavailable)?;
+            reclaim_orphans(rt.cgroups());
+            Arc::new(rt)
+        }
         "docker" => {
             let mut dc = DockerConfig::new(format!("execute-{}", std::process::id()));
             dc.agent = agent;

@@ -395,6 +395,29 @@ fn unsupported_language(r: &ChunkResult) -> bool {
             .all(|e| e.error_type.as_deref() == Some("UnknownLanguage"))
 }
 
+/// Resolves on SIGINT, SIGTERM or SIGHUP.
+async fn interrupt() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
+        let s = s.take();
+        async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = recv(&mut term) => {}
+        _ = recv(&mut hup) => {}
+    }
+}
+
 /// The executor of a document without code: starts nothing.
 struct NoSession;
 
@@ -496,7 +519,8 @@ pub async fn execute(opts: ExecuteOptions) -> Result<Report, Error> {
     };
     bar.set_message("starting the session");
 
-    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    // Ctrl-C, and the terminal going away or a polite kill: stop the session, write nothing.
+    let mut ctrl_c = Box::pin(interrupt());
     let interrupted = |bar: &ProgressBar| {
         bar.abandon_with_message("interrupted");
     };

@@ -196,3 +196,66 @@ fn ctrl_c_leaves_the_input_intact() {
     assert_eq!(names.len(), 1, "no temp file: {names:?}");
     no_sessions_left();
 }
+
+/// `sparkla execute` killed with SIGKILL cannot end its session: the next run reclaims it
+/// (and only sessions whose process is dead).
+#[test]
+fn the_next_run_reclaims_the_session_of_a_killed_run() {
+    let Some(cmd) = skip_cli("the_next_run_reclaims_the_session_of_a_killed_run") else {
+        return;
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("slow.md");
+    let text = "```python\nimport time\ntime.sleep(60)\n```\n";
+    std::fs::write(&doc, text).unwrap();
+    let mut child = Command::new(&cmd)
+        .arg(&doc)
+        .arg("--in-place")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("execute-{}-", child.id());
+    let sessions = || -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|h| {
+                std::fs::read_dir(h.path().join("sparkla-execute"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sessions().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert!(
+        !sessions().is_empty(),
+        "the killed run's session outlives it"
+    );
+    assert_eq!(std::fs::read_to_string(&doc).unwrap(), text, "input intact");
+
+    let quick = dir.path().join("quick.md");
+    std::fs::write(&quick, "```bash\necho ok\n```\n").unwrap();
+    let out = Command::new(&cmd).arg(&quick).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(sessions().is_empty(), "reclaimed: {:?}", sessions());
+    no_sessions_left();
+}
