@@ -130,6 +130,22 @@ async fn missing_image_names_the_image_and_the_build_command() {
     };
     let image = "sparkla/does-not-exist:never";
     let err = rt
+        .image_info(Some(image))
+        .await
+        .expect_err("info of a missing image");
+    assert!(
+        err.to_string().contains("sparkla env build docker"),
+        "{err}"
+    );
+    // The default image's identity: one layer, the reproducible root filesystem.
+    let info = rt.image_info(None).await.expect("image info");
+    assert_eq!(info.name, DEFAULT_IMAGE);
+    assert!(info.id.starts_with("sha256:"), "{info:?}");
+    assert!(
+        !info.layers.is_empty() && info.layers[0].starts_with("sha256:"),
+        "{info:?}"
+    );
+    let err = rt
         .prepare(Some(image))
         .await
         .expect_err("prepared a missing image");

@@ -130,6 +130,19 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, RuntimeError> {
     Ok(docker)
 }
 
+/// The identity of an environment image (see [`DockerRuntime::image_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The image name the session asked for (or the default).
+    pub name: String,
+    /// `sha256:...` of the image configuration.
+    pub id: String,
+    /// `sha256:...` digests of the uncompressed layers, bottom first.
+    pub layers: Vec<String>,
+    /// The recipe hash of images built by `sparkla env build docker`.
+    pub recipe: Option<String>,
+}
+
 /// Runs each session as a Docker container.
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
@@ -207,6 +220,29 @@ impl DockerRuntime {
         RuntimeError::Environment {
             name: image.to_string(),
             reason: format!("no such image on the Docker engine at {}; {how}", self.host),
+        }
+    }
+
+    /// What identifies a session environment's image, for provenance: its ID (changes with
+    /// every `docker import`) and its layer digests (the content; for the default image the
+    /// one layer is the sha256 of the reproducible root filesystem tarball).
+    pub async fn image_info(&self, environment: Option<&str>) -> Result<ImageInfo, RuntimeError> {
+        let image = self.image_of(environment);
+        match self.docker.inspect_image(&image).await {
+            Ok(info) => Ok(ImageInfo {
+                id: info.id.unwrap_or_default(),
+                layers: info.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                recipe: info
+                    .config
+                    .and_then(|c| c.labels)
+                    .and_then(|l| l.get("org.sparkla.recipe").cloned()),
+                name: image,
+            }),
+            Err(e) if is_status(&e, 404) => Err(self.missing_image(&image)),
+            Err(e) => Err(RuntimeError::Environment {
+                name: image,
+                reason: format!("the Docker engine failed to inspect it: {e}"),
+            }),
         }
     }
 
