@@ -55,6 +55,27 @@ const MAGICS: [(&str, &str); 6] = [
     ("%%python", "python"),
 ];
 
+/// IPython line magics that only configure display (`%matplotlib inline`, `%config …`) are
+/// kept as comments in the code sent: figures are captured anyway. Other magics are not
+/// IPython here and fail as the code they are.
+fn strip_display_magics(language: &str, source: &str) -> String {
+    if !render::is_python(language) || !source.contains('%') {
+        return source.to_string();
+    }
+    source
+        .split_inclusive('\n')
+        .map(|line| {
+            let t = line.trim_start();
+            if t.starts_with("%matplotlib") || t.starts_with("%config") {
+                let indent = &line[..line.len() - t.len()];
+                format!("{indent}pass  # {t}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect()
+}
+
 impl Notebook {
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, Error> {
         let nb: Value = serde_json::from_slice(bytes).map_err(|e| Error::parse(path, &e))?;
@@ -111,7 +132,7 @@ impl Notebook {
                     let code = rest.split_once('\n').map(|x| x.1).unwrap_or("");
                     (l.to_string(), code.to_string())
                 }
-                None => (language.clone(), source),
+                None => (language.clone(), strip_display_magics(&language, &source)),
             };
             let label = match cell.get("id").and_then(Value::as_str) {
                 Some(id) => format!("cell {} (id {id:?})", i + 1),
@@ -326,9 +347,11 @@ mod tests {
             {"cell_type":"markdown","id":"m1","metadata":{},"source":["# Title\n","text"]},
             {"cell_type":"code","id":"c1","metadata":{"tags":["x"]},"source":["x = 1\n","x"],"outputs":[],"execution_count":null},
             {"cell_type":"code","id":"c2","metadata":{},"source":"%%bash\necho hi","outputs":[],"execution_count":null},
+            {"cell_type":"code","id":"c3","metadata":{},"source":"%matplotlib inline\nx = '%d' % 1","outputs":[],"execution_count":null},
         ]));
         let mut doc = Notebook::parse(Path::new("t.ipynb"), &bytes).unwrap();
-        assert_eq!(doc.chunks().len(), 2);
+        assert_eq!(doc.chunks().len(), 3);
+        assert_eq!(doc.chunks()[2].code, "pass  # %matplotlib inline\nx = '%d' % 1");
         assert_eq!(doc.chunks()[0].code, "x = 1\nx");
         assert_eq!(doc.chunks()[0].label, "cell 2 (id \"c1\")");
         assert_eq!(doc.chunks()[1].language.as_deref(), Some("bash"));
