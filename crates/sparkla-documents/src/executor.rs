@@ -142,7 +142,13 @@ async fn docker_image(image: &str) -> Value {
         return json!({ "name": image });
     };
     match docker.inspect_image(image).await {
-        Ok(info) => json!({"name": image, "id": info.id, "repoDigests": info.repo_digests}),
+        Ok(info) => json!({
+            "name": image,
+            "id": info.id,
+            "repoDigests": info.repo_digests,
+            "layers": info.root_fs.and_then(|r| r.layers),
+            "recipe": info.config.and_then(|c| c.labels).and_then(|l| l.get("org.sparkla.recipe").cloned()),
+        }),
         Err(_) => json!({ "name": image }),
     }
 }

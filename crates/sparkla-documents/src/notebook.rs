@@ -351,7 +351,10 @@ mod tests {
         ]));
         let mut doc = Notebook::parse(Path::new("t.ipynb"), &bytes).unwrap();
         assert_eq!(doc.chunks().len(), 3);
-        assert_eq!(doc.chunks()[2].code, "pass  # %matplotlib inline\nx = '%d' % 1");
+        assert_eq!(
+            doc.chunks()[2].code,
+            "pass  # %matplotlib inline\nx = '%d' % 1"
+        );
         assert_eq!(doc.chunks()[0].code, "x = 1\nx");
         assert_eq!(doc.chunks()[0].label, "cell 2 (id \"c1\")");
         assert_eq!(doc.chunks()[1].language.as_deref(), Some("bash"));
