@@ -1114,3 +1114,17 @@ async fn hybrid_vsock_failures_are_clear() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_instance_reclaims_the_vm() {
+    if agent_or_skip("dropping_an_instance_reclaims_the_vm").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rt, dir) = runtime_with(&double_binary(tmp.path(), ""), false);
+    let (inst, client) = begin(&rt, "dropped").await.expect("begin");
+    assert!(!processes_mentioning(&dir.path().join("vms").display().to_string()).is_empty());
+    drop(client);
+    drop(inst);
+    assert_nothing_left(dir.path()).await;
+}

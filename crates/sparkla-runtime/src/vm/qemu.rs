@@ -390,12 +390,10 @@ impl Runtime for QemuRuntime {
             Ok(b) => b,
             Err(e) => return Err(fail(&home, e)),
         };
-        let pid = child.id().map(|p| p as i32);
         let (r, w) = stream.into_split();
         Ok(Box::new(QemuInstance {
             session_id: spec.session_id,
             home: Some(home),
-            pid,
             child: tokio::sync::Mutex::new(child),
             exited: std::sync::Mutex::new(None),
             stream: std::sync::Mutex::new(Some((Box::new(r), Box::new(w)))),
@@ -415,7 +413,6 @@ impl Runtime for QemuRuntime {
 pub struct QemuInstance {
     session_id: String,
     home: Option<PathBuf>,
-    pid: Option<i32>,
     child: tokio::sync::Mutex<Child>,
     exited: std::sync::Mutex<Option<String>>,
     /// In a mutex only to make the instance `Sync`.
@@ -490,9 +487,9 @@ impl Instance for QemuInstance {
 impl Drop for QemuInstance {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
-            if let Some(pid) = self.pid {
-                super::kill_vmm(pid, &home);
-            }
+            // SIGKILL through tokio's handle (which reaps it): never a raw pid that may
+            // have been reaped and reused.
+            let _ = self.child.get_mut().start_kill();
             let _ = std::fs::remove_dir_all(home);
         }
     }
