@@ -664,12 +664,14 @@ async fn warm_pool_hands_out_containers_with_the_sessions_limits() {
         .unwrap();
     let mut limits = Vec::new();
     for c in list {
-        let hc = client_api
+        // The pool's refill may be creating or removing others meanwhile: skip those.
+        let Ok(info) = client_api
             .inspect_container(c.id.as_deref().unwrap(), None)
             .await
-            .unwrap()
-            .host_config
-            .unwrap();
+        else {
+            continue;
+        };
+        let hc = info.host_config.unwrap();
         limits.push((hc.memory, hc.memory_swap, hc.pids_limit));
     }
     assert!(
