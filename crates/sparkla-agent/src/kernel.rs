@@ -178,8 +178,9 @@ impl Kernel {
                     ansi_c_quote(code)
                 )
             }
-            Lang::R => {
-                // Base R reads no JSON: "<mode> <cell> <code as hex>".
+            Lang::Python | Lang::R => {
+                // "<mode> <cell> <code as hex>": base R reads no JSON, and a Python kernel
+                // that need not import `json` starts faster.
                 let mode = if req.expression {
                     "expression"
                 } else {

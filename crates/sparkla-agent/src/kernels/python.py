@@ -1,23 +1,25 @@
 # Sparkla's Python kernel. Started by sparkla-agent as `python3 -c <this script>`.
 #
-# Protocol with the agent (one JSON object per line):
-#   fd 3 (in):  {"code": str, "mode": "chunk" | "expression", "cell": int}
-#   fd 4 (out): {"t":"ready"} once, then per request any number of
+# Protocol with the agent:
+#   fd 3 (in):  one request per line: "<mode> <cell> <code as hex>", mode chunk | expression
+#   fd 4 (out): one JSON object per line: {"t":"ready"} once, then per request any number of
 #               {"t":"out","s":"stdout"|"stderr","x":text}   (print, sys.stdout/err writes)
 #               {"t":"val","v":node}                        (values, figures)
 #               {"t":"err","e":CodeError}
 #               and finally {"t":"done"}.
 # Output written to file descriptors 1 and 2 directly (subprocesses, C code) reaches the
 # agent through the process's stdout/stderr pipes instead.
-import ast
+#
+# Start-up cost matters (a cold session waits for it), so the kernel imports only builtin C
+# modules (_ast, _json, _signal, math) beyond what the interpreter has loaded anyway; json,
+# traceback and linecache (which pull in re, enum, tokenize, ...) are imported on demand.
+import _ast
 import io
-import json
-import linecache
 import math
 import os
-import signal
 import sys
-import traceback
+from _json import encode_basestring as _quote
+import _signal
 
 _out_fd = 4
 os.set_inheritable(3, False)
@@ -29,9 +31,30 @@ _pending_interrupt = False
 G = {"__name__": "__main__", "__builtins__": __builtins__}
 
 
+def _dumps(o):
+    """JSON for what _to_node returns (and the kernel's own messages)."""
+    if o is None:
+        return "null"
+    if o is True:
+        return "true"
+    if o is False:
+        return "false"
+    if isinstance(o, str):
+        return _quote(o)
+    if isinstance(o, int):
+        return int.__repr__(o)
+    if isinstance(o, float):
+        return float.__repr__(o) if math.isfinite(o) else "null"
+    if isinstance(o, (list, tuple)):
+        return "[" + ",".join(map(_dumps, o)) + "]"
+    if isinstance(o, dict):
+        return "{" + ",".join(_quote(str(k)) + ":" + _dumps(v) for k, v in o.items()) + "}"
+    return _quote(repr(o))
+
+
 def _send(msg):
     global _in_send, _pending_interrupt
-    data = (json.dumps(msg, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8", "replace")
+    data = (_dumps(msg) + "\n").encode("utf-8", "replace")
     _in_send = True
     try:
         view = memoryview(data)
@@ -53,7 +76,7 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-signal.signal(signal.SIGINT, _on_sigint)
+_signal.signal(_signal.SIGINT, _on_sigint)
 
 
 class _Bytes(io.RawIOBase):
@@ -187,7 +210,15 @@ def _is_artist(v):
     )
 
 
+_sources = {}
+
+
 def _error(exc, filename):
+    import linecache
+    import traceback
+
+    for name, code in _sources.items():
+        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     tb = exc.__traceback__
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell"):
         tb = tb.tb_next
@@ -205,7 +236,7 @@ def _error(exc, filename):
     }
 
 
-_FLAGS = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+_FLAGS = getattr(_ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
 _CO_COROUTINE = 0x0080
 
 
@@ -218,24 +249,25 @@ def _run(code_obj):
     return result
 
 
-def _execute(req):
-    code = req.get("code", "")
-    filename = "<cell %s>" % req.get("cell", 0)
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+def _execute(mode, cell, code):
+    filename = "<cell %s>" % cell
+    _sources[filename] = code
+    if len(_sources) > 1000:
+        _sources.pop(next(iter(_sources)))
     try:
-        if req.get("mode") == "expression":
+        if mode == "expression":
             value = _run(compile(code.strip(), filename, "eval", flags=_FLAGS))
             _send({"t": "val", "v": _to_node(value)})
             return
-        tree = ast.parse(code, filename, "exec")
+        tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST | _FLAGS)
         for stmt in tree.body:
-            if isinstance(stmt, ast.Expr):
-                expr = ast.Expression(stmt.value)
+            if isinstance(stmt, _ast.Expr):
+                expr = _ast.Expression(stmt.value)
                 value = _run(compile(expr, filename, "eval", flags=_FLAGS))
                 if value is not None and not _is_artist(value):
                     _send({"t": "val", "v": _to_node(value)})
             else:
-                module = ast.Module([stmt], type_ignores=[])
+                module = _ast.Module([stmt], type_ignores=[])
                 _run(compile(module, filename, "exec", flags=_FLAGS))
         _emit_figures()
     except KeyboardInterrupt as exc:
@@ -255,13 +287,15 @@ def _main():
         if not line:
             break
         try:
-            req = json.loads(line)
+            mode, cell, hexcode = line.split(b" ", 2)
+            code = bytes.fromhex(hexcode.strip().decode("ascii")).decode("utf-8", "replace")
+            mode, cell = mode.decode("ascii"), int(cell)
         except ValueError:
             continue
         _pending_interrupt = False
         _running = True
         try:
-            _execute(req)
+            _execute(mode, cell, code)
         except KeyboardInterrupt:
             pass
         finally:
