@@ -351,6 +351,12 @@ fn fc_double_main() {
     let args: Vec<&str> = args.split_whitespace().collect();
     let sock = args[args.iter().position(|a| *a == "--api-sock").unwrap() + 1].to_string();
     let id = args[args.iter().position(|a| *a == "--id").unwrap() + 1].to_string();
+    // Firecracker refuses instance ids outside [a-zA-Z0-9-]{1,64} at start
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        eprintln!("Invalid instance ID: {id}");
+        std::process::exit(1);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

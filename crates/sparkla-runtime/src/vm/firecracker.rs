@@ -483,7 +483,7 @@ impl FirecrackerRuntime {
             .arg("--api-sock")
             .arg(&sock)
             .arg("--id")
-            .arg(id)
+            .arg(instance_id(id))
             .current_dir(home)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -653,6 +653,20 @@ impl FirecrackerRuntime {
         tracing::info!(shape = %key, ms = snap.took.as_millis() as u64, dir = %snap.dir.display(), "firecracker snapshot made");
         snaps.insert(key, snap.clone());
         Ok(snap)
+    }
+}
+
+/// Firecracker's `--id`: 1 to 64 characters of `[a-zA-Z0-9-]`.
+pub fn instance_id(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect();
+    if s.is_empty() {
+        "sparkla".into()
+    } else {
+        s
     }
 }
 
@@ -856,6 +870,13 @@ mod tests {
         c.firecracker = "/nonexistent/firecracker".into();
         let e = FirecrackerRuntime::new(c).unwrap_err();
         assert!(e.to_string().contains("firecracker binary"), "{e}");
+    }
+
+    #[test]
+    fn instance_ids_are_what_firecracker_accepts() {
+        assert_eq!(instance_id("srv_1-a.b"), "srv-1-a-b");
+        assert_eq!(instance_id(&"x".repeat(100)).len(), 64);
+        assert_eq!(instance_id(""), "sparkla");
     }
 
     #[test]
