@@ -742,3 +742,20 @@ async fn container_removed_mid_execution_fails_cleanly() {
         .expect("stop of a removed container is clean");
     assert_none_left(&rt).await;
 }
+
+/// `sparkla env build docker` through the library: up to date in well under a second when the
+/// image of the current recipe exists, else a full build (minutes), hence ignored by default.
+#[tokio::test]
+#[ignore = "may build the image (about 5 min on a fresh machine); run with --ignored"]
+async fn env_build_produces_the_default_image() {
+    use sparkla_runtime::docker::image::{build_default_image, BuildOptions};
+    let built = build_default_image(&BuildOptions::default())
+        .await
+        .expect("build");
+    assert_eq!(built.tag, DEFAULT_IMAGE);
+    assert!(built.id.starts_with("sha256:"), "{built:?}");
+    let Some(rt) = runtime_with("env-build", cat()).await else {
+        return;
+    };
+    assert_eq!(rt.image_info(None).await.expect("info").id, built.id);
+}
