@@ -18,7 +18,9 @@ fn run_language(language: &str) {
     drop(agent);
     let known = ["python", "bash", "javascript", "r"];
     if known.contains(&language) && !available.iter().any(|l| l == language) {
-        eprintln!("SKIPPED: the {language} conformance cases: no {language} interpreter was found on this machine");
+        common::skipped(&format!(
+            "the {language} conformance cases: no {language} interpreter was found on this machine"
+        ));
         return;
     }
     let mut failures = Vec::new();
@@ -31,10 +33,10 @@ fn run_language(language: &str) {
         }
     }) {
         if case.language == "python" && !python_has(&case.requires) {
-            eprintln!(
-                "SKIPPED: {language} case {:?}: the Python modules {:?} are not installed (.ci/run installs them)",
+            common::skipped(&format!(
+                "{language} case {:?}: the Python modules {:?} are not installed (.ci/run installs them)",
                 case.name, case.requires
-            );
+            ));
             continue;
         }
         eprintln!("[{language}] {}", case.name);

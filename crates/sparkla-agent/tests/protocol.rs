@@ -292,7 +292,7 @@ fn the_static_binary_runs_from_an_empty_directory() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     } else {
-        eprintln!("SKIPPED: the chroot part of the static-binary test needs root");
+        common::skipped("the chroot part of the static-binary test needs root");
     }
 }
 

@@ -195,6 +195,13 @@ impl Drop for AgentProc {
     }
 }
 
+/// Say loudly that something was skipped. Written straight to the process's stderr, past
+/// libtest's output capture, so that it shows even when the test passes.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 /// Pids of the processes whose parent is `pid`.
 pub fn children_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
