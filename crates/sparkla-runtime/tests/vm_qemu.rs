@@ -168,6 +168,12 @@ async fn qemu_runtime_passes_the_conformance_suite() {
     ] {
         assert!(home.join(f).exists(), "{f} missing from {}", home.display());
     }
+    let console = std::fs::read_to_string(home.join("console.log")).unwrap_or_default();
+    let init_line = console
+        .lines()
+        .find(|l| l.contains("starting the agent"))
+        .unwrap_or("(no init line in console.log)");
+    eprintln!("guest side: {init_line}");
     assert_eq!(qemus_under(base.path()).len(), 1);
     conformance::end(inst, client).await;
     assert!(!home.exists(), "stop removed the VM home");

@@ -356,6 +356,11 @@ mod guest {
             halt(&format!("bad sparkla.listen={listen}"));
         }
         let pids: Option<u64> = args.get("sparkla.pids").and_then(|s| s.parse().ok());
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        log(&format!(
+            "starting the agent ({listen}) {} s after the kernel started",
+            uptime.split_whitespace().next().unwrap_or("?")
+        ));
 
         // SAFETY: fork in a single-threaded process; the child only prepares and execs.
         let pid = unsafe { libc::fork() };
