@@ -1134,3 +1134,27 @@ async fn dropping_an_instance_reclaims_the_vm() {
     drop(inst);
     assert_nothing_left(dir.path()).await;
 }
+
+/// A crashed server leaves a running VMM and its home: a new runtime of the same server id
+/// sweeps both at start, and leaves other servers' homes alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_reclaims_the_vms_of_a_crashed_server() {
+    if agent_or_skip("sweep_reclaims_the_vms_of_a_crashed_server").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rt, dir) = runtime_with(&double_binary(tmp.path(), ""), false);
+    let (inst, client) = begin(&rt, "crashed").await.expect("begin");
+    // the "crash": nothing of the instance runs its cleanup
+    std::mem::forget(inst);
+    std::mem::forget(client);
+    let vms = dir.path().join("vms");
+    let foreign = vms.join("vm-otherserver-x-1-0");
+    std::fs::create_dir_all(&foreign).unwrap();
+    assert!(!processes_mentioning(&vms.display().to_string()).is_empty());
+    let report = rt.sweep().await.unwrap();
+    assert_eq!((report.processes, report.directories), (1, 1), "{report:?}");
+    assert!(foreign.exists(), "another server's home was swept");
+    std::fs::remove_dir_all(&foreign).unwrap();
+    assert_nothing_left(dir.path()).await;
+}
