@@ -23,6 +23,13 @@
 
 mod common;
 
+/// Say loudly that something was skipped: straight to the process's stderr, past libtest's
+/// output capture, so that it shows even when the test passes.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 use serde_json::{json, Value};
 use sparkla_runtime::vm::firecracker::api::{ApiClient, ApiError};
 use sparkla_runtime::vm::firecracker::{FirecrackerConfig, FirecrackerRuntime};
@@ -681,7 +688,9 @@ async fn boot_guest(s: &mut DoubleState, uds: Option<String>) {
 fn agent_or_skip(test: &str) -> Option<PathBuf> {
     let a = common::agent_path();
     if a.is_none() {
-        eprintln!("SKIPPED: {test}: sparkla-agent is not built (cargo build -p sparkla-agent)");
+        skipped(&format!(
+            "{test}: sparkla-agent is not built (cargo build -p sparkla-agent)"
+        ));
     }
     a
 }

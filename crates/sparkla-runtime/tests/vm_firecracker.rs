@@ -8,6 +8,13 @@
 
 mod common;
 
+/// Say loudly that something was skipped: straight to the process's stderr, past libtest's
+/// output capture, so that it shows even when the test passes.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 use common::conformance;
 use sparkla_runtime::vm::firecracker::{FirecrackerConfig, FirecrackerRuntime};
 use sparkla_runtime::vm::guest::{self, BuildOptions};
@@ -48,8 +55,10 @@ fn skip_reason() -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firecracker_runtime_passes_the_conformance_suite() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: firecracker_runtime_passes_the_conformance_suite: {why}");
-        eprintln!("SKIPPED: the Firecracker runtime was tested only against its API contract here");
+        skipped(&format!(
+            "firecracker_runtime_passes_the_conformance_suite: {why}"
+        ));
+        skipped("the Firecracker runtime was tested only against its API contract here");
         return;
     }
     let image = guest::build(&BuildOptions {

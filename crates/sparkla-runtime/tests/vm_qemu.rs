@@ -10,6 +10,13 @@
 
 mod common;
 
+/// Say loudly that something was skipped: straight to the process's stderr, past libtest's
+/// output capture, so that it shows even when the test passes.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 use common::conformance;
 use sparkla_runtime::vm::guest::{self, BuildOptions};
 use sparkla_runtime::vm::qemu::{Accel, QemuConfig, QemuRuntime};
@@ -85,7 +92,7 @@ fn qemus_under(base: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_runtime_passes_the_conformance_suite() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: qemu_runtime_passes_the_conformance_suite: {why}");
+        skipped(&format!("qemu_runtime_passes_the_conformance_suite: {why}"));
         return;
     }
     let guest_dir = guest_image().await;
