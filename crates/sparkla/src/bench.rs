@@ -32,11 +32,11 @@ pub struct BenchArgs {
     /// Code executed
     #[arg(long, default_value = "x = 6 * 7\nx")]
     pub code: String,
-    /// cpuRequest of each session (cores)
-    #[arg(long, default_value_t = 0.01)]
+    /// cpuRequest of each session (cores; the sandbox enforces it as a CPU quota)
+    #[arg(long, default_value_t = 1.0)]
     pub cpu_request: f64,
-    /// memoryRequest of each session (GiB)
-    #[arg(long, default_value_t = 0.01)]
+    /// memoryRequest of each session (GiB; enforced as the memory limit)
+    #[arg(long, default_value_t = 0.1)]
     pub memory_request: f64,
     /// A token to use (else one is signed with the JWT secret given by --jwt-secret/JWT_SECRET)
     #[arg(long, env = "SPARKLA_BENCH_TOKEN")]

@@ -23,6 +23,9 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+const READ_BUFFER: usize = 8 * 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
+
 /// Requests one socket may have running at once (more wait their turn).
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -60,8 +63,12 @@ pub fn upgrade(state: Arc<AppState>, mut ws: WebSocketUpgrade, auth: Auth) -> Re
         Some(t) => state.jwt.verify(&t),
     };
     let limit = state.config.max_message_size;
+    // Small I/O buffers (tungstenite's default read buffer is 128 KiB per socket): idle
+    // connections stay cheap; large messages still pass, in more reads.
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let claims = match verified {
                 Ok(c) => c,
