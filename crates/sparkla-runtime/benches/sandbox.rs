@@ -31,7 +31,7 @@ fn row(name: &str, mut ms: Vec<f64>) {
     let p50 = pct(&mut ms, 0.5);
     let p99 = pct(&mut ms, 0.99);
     let mean = ms.iter().sum::<f64>() / n as f64;
-    println!("| {name:<46} | {n:>4} | {p50:>8.2} | {p99:>8.2} | {mean:>8.2} |");
+    println!("| {name:<52} | {n:>4} | {p50:>8.2} | {p99:>8.2} | {mean:>8.2} |");
 }
 
 fn ms(d: Duration) -> f64 {
@@ -196,39 +196,46 @@ async fn main() {
     row("cold: begin + execute 1+1 + end", whole);
 
     // Pooled sessions: python kernel warm. Timed while the pool is not exhausted (the
-    // refill between sessions is not timed; its rate is the cold rate above).
-    let pool = Pool::new(
-        rt.clone(),
-        PoolConfig {
-            size: 2,
-            ..Default::default()
-        },
-    );
-    let (mut ready, mut first, mut whole) = (vec![], vec![], vec![]);
-    for i in 0..n {
-        assert!(
-            pool.wait_full(Duration::from_secs(60)).await,
-            "pool did not fill"
+    // refill between sessions is not timed; its rate is the cold rate above). Measured with
+    // the refill starting at once (competing with the session for CPU) and deferred.
+    for (label, delay) in [("pooled", 0u64), ("pooled, refill deferred 200 ms", 200)] {
+        let pool = Pool::new(
+            rt.clone(),
+            PoolConfig {
+                size: 2,
+                refill_delay: Duration::from_millis(delay),
+                ..Default::default()
+            },
         );
-        let t = Instant::now();
-        let (mut inst, client) = pool
-            .begin(spec(format!("bench-pool-{i}")))
-            .await
-            .expect("begin");
-        ready.push(ms(t.elapsed()));
-        let node = client
-            .execute("j", python("1+1"), None)
-            .await
-            .expect("execute");
-        assert_eq!(node["outputs"], json!([2]), "{node}");
-        first.push(ms(t.elapsed()));
-        inst.stop().await.expect("stop");
-        whole.push(ms(t.elapsed()));
+        let (mut ready, mut first, mut end, mut whole) = (vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            assert!(
+                pool.wait_full(Duration::from_secs(60)).await,
+                "pool did not fill"
+            );
+            let t = Instant::now();
+            let (mut inst, client) = pool
+                .begin(spec(format!("bench-pool-{delay}-{i}")))
+                .await
+                .expect("begin");
+            ready.push(ms(t.elapsed()));
+            let node = client
+                .execute("j", python("1+1"), None)
+                .await
+                .expect("execute");
+            assert_eq!(node["outputs"], json!([2]), "{node}");
+            first.push(ms(t.elapsed()));
+            let te = Instant::now();
+            inst.stop().await.expect("stop");
+            end.push(ms(te.elapsed()));
+            whole.push(ms(t.elapsed()));
+        }
+        row(&format!("{label}: begin -> agent ready"), ready);
+        row(&format!("{label}: begin -> first python result"), first);
+        row(&format!("{label}: end (stop, reclaim)"), end);
+        row(&format!("{label}: begin + execute 1+1 + end"), whole);
+        pool.shutdown().await;
     }
-    row("pooled: begin -> agent ready", ready);
-    row("pooled: begin -> first python result (1+1)", first);
-    row("pooled: begin + execute 1+1 + end", whole);
-    pool.shutdown().await;
 
     // Density: idle sessions with a live python kernel.
     let avail0 = mem_available_kib();

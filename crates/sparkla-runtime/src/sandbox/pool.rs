@@ -35,6 +35,9 @@ pub struct PoolConfig {
     pub template: InstanceSpec,
     /// How long an agent may take to become ready.
     pub ready_timeout: Duration,
+    /// Wait this long after a hand-out before starting its replacement, so that a new
+    /// session's first executions do not compete with the refill for CPU. 0 = at once.
+    pub refill_delay: Duration,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +48,7 @@ impl Default for PoolConfig {
             warm_languages: vec!["python".into()],
             template: InstanceSpec::default(),
             ready_timeout: Duration::from_secs(30),
+            refill_delay: Duration::ZERO,
         }
     }
 }
@@ -278,6 +282,13 @@ async fn refill_loop(inner: std::sync::Weak<Inner>) {
             let wake = pool.wake.clone();
             drop(pool);
             wake.notified().await;
+            if let Some(pool) = inner.upgrade() {
+                let delay = pool.config.refill_delay;
+                drop(pool);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
             continue;
         };
         let n = pool.counter.fetch_add(1, Ordering::Relaxed);
