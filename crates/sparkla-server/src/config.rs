@@ -73,7 +73,7 @@ impl Default for Config {
             timeout_warning: 60.0,
             stale_interval: 60.0,
             stale_period: 3600.0,
-            pool_size: 0,
+            pool_size: 2,
             max_connections: 10_000,
             max_message_size: 16 * 1024 * 1024,
             session_defaults: default_session(),

@@ -873,3 +873,27 @@ async fn agent_death_restarts_then_fails() {
     assert_no_descendants("after failure").await;
     server.shutdown().await.unwrap();
 }
+
+/// With a warm pool, sessions come from it (their limits applied at hand-out), the pool
+/// refills, and shutdown reclaims the idle instances too.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_pool_serves_sessions_and_is_reclaimed() {
+    let _g = SERIAL.lock().await;
+    let server = server(|c| c.pool_size = 2).await;
+    let m = server.manager().clone();
+    eventually("pool filled", || m.pool_idle() == 2).await;
+    let mut c = connect_token(server.addr(), json!({})).await;
+    let s = c.call("begin", json!({"node": session()})).await;
+    assert_eq!(s["status"], "started");
+    let out = c
+        .call(
+            "execute",
+            json!({"node": chunk("python", "6*7"), "session": s}),
+        )
+        .await;
+    assert_eq!(out["outputs"], json!([42]));
+    eventually("pool refilled", || m.pool_idle() == 2).await;
+    c.call("end", json!({"node": s})).await;
+    server.shutdown().await.unwrap();
+    assert_no_descendants("after shutdown with a pool").await;
+}

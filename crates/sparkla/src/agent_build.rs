@@ -33,7 +33,9 @@ pub fn ensure_agent_built() -> anyhow::Result<()> {
             cmd.current_dir(root);
         }
     }
-    let status = cmd.status().context("cannot run cargo to build sparkla-agent")?;
+    let status = cmd
+        .status()
+        .context("cannot run cargo to build sparkla-agent")?;
     anyhow::ensure!(
         status.success(),
         "building sparkla-agent failed ({status}); build it with `cargo build --release -p sparkla-agent`"

@@ -89,7 +89,7 @@ pub struct Options {
     #[arg(long, env = "SPARKLA_STALE_PERIOD", global = true, value_name = "SECS")]
     pub stale_period: Option<f64>,
 
-    /// Warm instances kept ready for new sessions (0: none) [default: 0]
+    /// Warm instances (agent and python ready) kept for new sessions; 0: none [default: 2]
     #[arg(long, env = "SPARKLA_POOL_SIZE", global = true, value_name = "N")]
     pub pool_size: Option<usize>,
 

@@ -55,6 +55,7 @@ pub fn config(f: impl FnOnce(&mut Config)) -> Config {
         runtime: runtime_name(),
         cpu_total: 8.0,
         memory_total: 8.0,
+        pool_size: 0,
         ..Default::default()
     };
     c.session_defaults.insert("cpuRequest".into(), json!(0.5));
