@@ -22,7 +22,7 @@ pub struct Config {
     pub port: u16,
     /// HS256 secret for client JWTs (also `JWT_SECRET`). None: generate one at start.
     pub jwt_secret: Option<String>,
-    /// Session runtime: sandbox, docker, firecracker or process (no isolation: trusted code only).
+    /// Session runtime: sandbox, docker, firecracker, qemu or process (no isolation: trusted code only).
     pub runtime: String,
     /// CPU cores available to sessions in total (default: the host's cores).
     pub cpu_total: f64,
@@ -149,10 +149,10 @@ impl Config {
         }
         if !matches!(
             self.runtime.as_str(),
-            "sandbox" | "docker" | "firecracker" | "process"
+            "sandbox" | "docker" | "firecracker" | "qemu" | "process"
         ) {
             return Err(format!(
-                "runtime must be sandbox, docker, firecracker or process, not {:?}",
+                "runtime must be sandbox, docker, firecracker, qemu or process, not {:?}",
                 self.runtime
             ));
         }

@@ -3,6 +3,8 @@
 use sparkla_runtime::docker::{DockerConfig, DockerRuntime};
 use sparkla_runtime::process::ProcessRuntime;
 use sparkla_runtime::sandbox::{SandboxConfig, SandboxRuntime};
+use sparkla_runtime::vm::firecracker::{FirecrackerConfig, FirecrackerRuntime};
+use sparkla_runtime::vm::qemu::{QemuConfig, QemuRuntime};
 use sparkla_runtime::Runtime;
 use std::sync::Arc;
 
@@ -27,8 +29,18 @@ pub async fn runtime_for(config: &Config) -> anyhow::Result<Arc<dyn Runtime>> {
             );
             Arc::new(ProcessRuntime::new(config.agent.clone())?)
         }
-        "firecracker" => anyhow::bail!(
-            "the firecracker runtime is not available in this build (use sandbox or docker)"
+        "firecracker" => Arc::new(FirecrackerRuntime::new(FirecrackerConfig::new(format!(
+            "sparkla-{}-{}",
+            hostname(),
+            config.port
+        )))?),
+        "qemu" => Arc::new(
+            QemuRuntime::new(QemuConfig::new(format!(
+                "sparkla-{}-{}",
+                hostname(),
+                config.port
+            )))
+            .await?,
         ),
         other => anyhow::bail!("unknown runtime {other:?}"),
     };

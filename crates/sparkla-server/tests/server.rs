@@ -897,3 +897,38 @@ async fn warm_pool_serves_sessions_and_is_reclaimed() {
     server.shutdown().await.unwrap();
     assert_no_descendants("after shutdown with a pool").await;
 }
+
+/// The same Executa session on the Docker runtime, when the engine and the default image
+/// are there (CI builds the image); otherwise SKIPPED, loudly.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_runtime_session() {
+    let _g = SERIAL.lock().await;
+    let c = config(|c| c.runtime = "docker".into());
+    let runtime = match sparkla_server::runtime_for(&c).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIPPED: docker_runtime_session: the Docker runtime is unavailable: {e:#}");
+            return;
+        }
+    };
+    if let Err(e) = runtime.prepare(None).await {
+        eprintln!("SKIPPED: docker_runtime_session: the default session image is missing ({e}); build it with scripts/build-docker-env.sh");
+        return;
+    }
+    let server = sparkla_server::Server::start(c.clone(), sparkla_server::manager_for(&c, runtime))
+        .await
+        .unwrap();
+    let mut cl = connect_token(server.addr(), json!({})).await;
+    let s = cl.call("begin", json!({"node": session()})).await;
+    assert_eq!(s["status"], "started", "{s}");
+    let out = cl
+        .call(
+            "execute",
+            json!({"node": chunk("python", "print('hi')\n6*7"), "session": s}),
+        )
+        .await;
+    assert_eq!(out["outputs"], json!(["hi\n", 42]), "{out}");
+    let ended = cl.call("end", json!({"node": s})).await;
+    assert_eq!(ended["status"], "stopped");
+    server.shutdown().await.unwrap();
+}

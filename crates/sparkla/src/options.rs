@@ -37,7 +37,7 @@ pub struct Options {
     )]
     pub jwt_secret: Option<String>,
 
-    /// Session runtime: sandbox, docker, firecracker, or process (NO isolation: trusted code only) [default: sandbox]
+    /// Session runtime: sandbox, docker, firecracker, qemu, or process (NO isolation: trusted code only) [default: sandbox]
     #[arg(long, env = "SPARKLA_RUNTIME", global = true, value_name = "NAME")]
     pub runtime: Option<String>,
 

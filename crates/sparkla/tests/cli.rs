@@ -140,14 +140,16 @@ fn configuration_precedence_cli_env_file() {
 }
 
 #[test]
-fn firecracker_is_refused_clearly() {
+fn unusable_runtime_is_refused_clearly() {
+    // A firecracker binary that does not exist: the server refuses to start and says why.
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = sparkla(&["--firecracker", "--port", "0"], &[], dir.path());
-    assert!(!ok);
-    assert!(
-        err.contains("firecracker runtime is not available"),
-        "{err}"
+    let (ok, _, err) = sparkla(
+        &["--firecracker", "--port", "0"],
+        &[("PATH", "/nonexistent")],
+        dir.path(),
     );
+    assert!(!ok);
+    assert!(err.contains("cannot use the firecracker runtime"), "{err}");
 }
 
 fn runtime() -> &'static str {
