@@ -401,6 +401,10 @@ impl Executor for Remote {
     }
 }
 
+/// Host uid window of `sparkla execute` sessions: `EXECUTE_ID_SLOTS` ranges of 65536 ids.
+pub const EXECUTE_ID_BASE: u32 = 400_000_000;
+pub const EXECUTE_ID_SLOTS: u32 = 4096;
+
 /// Remove the sessions of `sparkla execute` processes that died without ending them (killed
 /// with SIGKILL, crashed): their cgroups are named `execute-<pid>-…` after the process that
 /// started them. Sessions of live processes (other `sparkla execute` runs) are left alone.
@@ -442,10 +446,16 @@ pub async fn runtime_named(name: &str, agent: Option<PathBuf>) -> Result<Arc<dyn
     };
     Ok(match name {
         "sandbox" => {
+            // A host uid window of its own, away from a server's (whose default window starts
+            // at 100000), picked by pid so that concurrent runs are unlikely to share one.
+            let slot = std::process::id() % EXECUTE_ID_SLOTS;
             let rt = SandboxRuntime::new(SandboxConfig {
                 agent,
                 cgroup_parent: "sparkla-execute".into(),
                 state_dir: PathBuf::from("/run/sparkla/execute"),
+                host_id_base: EXECUTE_ID_BASE + slot * 65_536,
+                id_count: 65_536,
+                id_slots: 1,
                 ..Default::default()
             })
             .map_err(unavailable)?;

@@ -38,8 +38,13 @@ pub fn skip(test: &str) -> bool {
 
 pub const UID_COUNT: u32 = 65_536;
 
+/// Sessions per test runtime.
+pub const ID_SLOTS: u32 = 16;
+
+/// A host id window per test, away from the runtime tests' (100_000_000 + …) and from
+/// `sparkla execute`'s (400_000_000 + …).
 pub fn id_base(slot: u32) -> u32 {
-    1_000_000 + (100 + slot) * UID_COUNT
+    3_500_000_000 + slot * ID_SLOTS * UID_COUNT
 }
 
 /// A sandbox runtime of its own for one test.
@@ -51,6 +56,7 @@ pub fn runtime(name: &str, slot: u32) -> Arc<SandboxRuntime> {
         cgroup_parent: format!("sparkla-test-documents-{name}"),
         cgroup_nest: false,
         host_id_base: id_base(slot),
+        id_slots: ID_SLOTS,
         ..Default::default()
     };
     Arc::new(SandboxRuntime::new(config).expect("sandbox runtime"))
@@ -92,7 +98,7 @@ pub fn processes_in_uid_range(base: u32, count: u32) -> Vec<String> {
 }
 
 fn leftovers(name: &str, slot: u32) -> Vec<String> {
-    let mut left = processes_in_uid_range(id_base(slot), UID_COUNT);
+    let mut left = processes_in_uid_range(id_base(slot), ID_SLOTS * UID_COUNT);
     let parent = format!("sparkla-test-documents-{name}");
     for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
