@@ -310,4 +310,5 @@ async fn main() {
     let report = rt.sweep().await.expect("sweep");
     assert_eq!(report.cgroups, 0, "sessions left behind: {report:?}");
     let _ = rt.cgroups().remove_parent();
+    let _ = std::fs::remove_dir_all("/run/sparkla-bench");
 }
