@@ -56,6 +56,9 @@ pub struct Config {
     pub start_timeout: f64,
     /// Times a session whose agent dies is restarted before it fails.
     pub max_restarts: u32,
+    /// Sessions starting at once; more wait their turn (so that a burst of begins queues
+    /// instead of timing out together). Default: 4 per CPU.
+    pub max_starting: usize,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             agent: None,
             start_timeout: 30.0,
             max_restarts: 3,
+            max_starting: (host_cpus() as usize * 4).max(4),
         }
     }
 }
@@ -144,8 +148,10 @@ impl Config {
                 return Err(format!("{name} must be zero or more, not {v}"));
             }
         }
-        if self.max_connections == 0 || self.max_message_size < 1024 {
-            return Err("maxConnections must be > 0 and maxMessageSize >= 1024".into());
+        if self.max_connections == 0 || self.max_message_size < 1024 || self.max_starting == 0 {
+            return Err(
+                "maxConnections and maxStarting must be > 0, and maxMessageSize >= 1024".into(),
+            );
         }
         if !matches!(
             self.runtime.as_str(),

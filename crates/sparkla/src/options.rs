@@ -145,6 +145,10 @@ pub struct Options {
     /// Restarts of a session whose agent dies before it fails [default: 3]
     #[arg(long, env = "SPARKLA_MAX_RESTARTS", global = true, value_name = "N")]
     pub max_restarts: Option<u32>,
+
+    /// Sessions starting at once; more wait their turn [default: 4 per CPU]
+    #[arg(long, env = "SPARKLA_MAX_STARTING", global = true, value_name = "N")]
+    pub max_starting: Option<usize>,
 }
 
 /// Read a config file: JSON when it starts with `{`, else TOML.
@@ -196,7 +200,8 @@ impl Options {
             mount_allow,
             allow_network,
             start_timeout,
-            max_restarts
+            max_restarts,
+            max_starting
         );
         if let Some(a) = &self.agent {
             c.agent = Some(a.clone());

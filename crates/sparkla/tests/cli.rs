@@ -57,6 +57,7 @@ fn help_shows_every_option_with_its_default_and_env() {
         "agent",
         "start-timeout",
         "max-restarts",
+        "max-starting",
     ] {
         let line = help
             .lines()

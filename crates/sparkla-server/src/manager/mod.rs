@@ -48,6 +48,7 @@ pub struct ManagerConfig {
     pub allow_network: bool,
     pub start_timeout: Duration,
     pub max_restarts: u32,
+    pub max_starting: usize,
 }
 
 impl From<&Config> for ManagerConfig {
@@ -65,6 +66,7 @@ impl From<&Config> for ManagerConfig {
             allow_network: c.allow_network,
             start_timeout: secs(c.start_timeout),
             max_restarts: c.max_restarts,
+            max_starting: c.max_starting,
         }
     }
 }
@@ -210,6 +212,8 @@ struct Inner {
     allocated: Mutex<Totals>,
     shutting_down: AtomicBool,
     job_seq: AtomicU64,
+    /// Bounds instances starting at once.
+    starting: tokio::sync::Semaphore,
 }
 
 /// The session manager. Cheap to clone.
@@ -243,7 +247,6 @@ impl SessionManager {
             inner: Arc::new(Inner {
                 runtime,
                 pool: None,
-                config,
                 sessions: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
                 implicit: Mutex::new(HashMap::new()),
@@ -251,6 +254,8 @@ impl SessionManager {
                 allocated: Mutex::new(Totals::default()),
                 shutting_down: AtomicBool::new(false),
                 job_seq: AtomicU64::new(1),
+                starting: tokio::sync::Semaphore::new(config.max_starting.max(1)),
+                config,
             }),
         }
     }
@@ -664,6 +669,12 @@ impl SessionManager {
         if let Some(mut old) = slot.take() {
             let _ = old.stop().await;
         }
+        let _permit = self
+            .inner
+            .starting
+            .acquire()
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
         let started = match &self.inner.pool {
             Some(pool) => pool.begin(s.spec.clone()).await,
             None => {
