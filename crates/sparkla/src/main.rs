@@ -42,6 +42,55 @@ enum Command {
     Config,
     /// Load-test a running server with concurrent WebSocket clients
     Bench(bench::BenchArgs),
+    /// Execute a document (notebook, Markdown, Stencila JSON) in one fresh session
+    Execute(sparkla_documents::cli::ExecuteArgs),
+    /// Session environments: `sparkla env build docker` builds the default Docker image
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
+    /// The microVM guest image: `sparkla guest build` (for --runtime qemu|firecracker)
+    Guest {
+        #[command(subcommand)]
+        command: GuestCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnvCommand {
+    /// Build an environment: `docker` (the default image, from Debian packages, no registry)
+    Build {
+        /// What to build: docker
+        kind: String,
+        /// Image tag [default: sparkla/env:bookworm]
+        #[arg(long)]
+        tag: Option<String>,
+        /// Rebuild even when an image of the same recipe exists
+        #[arg(long)]
+        force: bool,
+        /// Debian mirror [default: the one in /etc/apt/sources.list*]
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuestCommand {
+    /// Build rootfs.ext4 (with the agent and sparkla-guest-init), the kernel and initramfs
+    Build {
+        /// Output directory [default: $SPARKLA_GUEST_DIR or ~/.cache/sparkla/guest]
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Use this environment directory instead of building one with mmdebstrap
+        #[arg(long)]
+        env_dir: Option<std::path::PathBuf>,
+        /// Rebuild the environment even if a cached one of the same recipe exists
+        #[arg(long)]
+        force: bool,
+        /// Debian mirror [default: the one in /etc/apt/sources.list*]
+        #[arg(long)]
+        mirror: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +98,9 @@ fn main() -> std::process::ExitCode {
     sparkla_runtime::sandbox::launcher::run_if_requested();
     let cli = Cli::parse();
     raise_nofile_limit();
+    if let Some(Command::Execute(args)) = cli.command {
+        return execute(args, cli.options, cli.docker, cli.firecracker);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,6 +139,103 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Serve) | None => serve(opts).await,
+        Some(Command::Execute(_)) => unreachable!("handled in main"),
+        Some(Command::Env {
+            command:
+                EnvCommand::Build {
+                    kind,
+                    tag,
+                    force,
+                    mirror,
+                },
+        }) => {
+            init_tracing(opts.debug.unwrap_or(false));
+            anyhow::ensure!(
+                kind == "docker",
+                "unknown environment kind {kind:?}: `sparkla env build docker` is the one there is"
+            );
+            let built = sparkla_runtime::docker::image::build_default_image(
+                &sparkla_runtime::docker::image::BuildOptions {
+                    tag,
+                    force,
+                    mirror,
+                    cache_dir: None,
+                },
+            )
+            .await?;
+            println!("{} {}", built.tag, built.id);
+            Ok(())
+        }
+        Some(Command::Guest {
+            command:
+                GuestCommand::Build {
+                    out,
+                    env_dir,
+                    force,
+                    mirror,
+                },
+        }) => {
+            init_tracing(opts.debug.unwrap_or(false));
+            agent_build::ensure_built("sparkla-agent", &["-p", "sparkla-agent"])?;
+            agent_build::ensure_built(
+                "sparkla-guest-init",
+                &["-p", "sparkla-runtime", "--bin", "sparkla-guest-init"],
+            )?;
+            let image =
+                sparkla_runtime::vm::guest::build(&sparkla_runtime::vm::guest::BuildOptions {
+                    out,
+                    agent: opts.agent.clone(),
+                    init: None,
+                    env_dir,
+                    force,
+                    mirror,
+                    cache_dir: None,
+                })
+                .await?;
+            println!("{}", image.dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// `sparkla execute`: its own exit codes (see `sparkla_documents::cli::run`).
+fn execute(
+    args: sparkla_documents::cli::ExecuteArgs,
+    mut opts: options::Options,
+    docker: bool,
+    firecracker: bool,
+) -> std::process::ExitCode {
+    if docker {
+        opts.runtime = Some("docker".into());
+    }
+    if firecracker {
+        opts.runtime = Some("firecracker".into());
+    }
+    let config = match opts.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(config.debug);
+    if let Err(e) = agent_build::ensure_built("sparkla-agent", &["-p", "sparkla-agent"]) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(sparkla_documents::cli::run(
+            args,
+            &config.runtime,
+            config.agent.clone(),
+        )),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::from(2)
+        }
     }
 }
 
@@ -109,7 +258,7 @@ fn init_tracing(debug: bool) {
 async fn serve(opts: options::Options) -> anyhow::Result<()> {
     let mut config = opts.resolve()?;
     init_tracing(config.debug);
-    agent_build::ensure_agent_built()?;
+    agent_build::ensure_built("sparkla-agent", &["-p", "sparkla-agent"])?;
     let generated = config.jwt_secret.is_none();
     if generated {
         config.jwt_secret = Some(jwt::generate_secret());
