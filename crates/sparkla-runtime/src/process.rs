@@ -234,9 +234,7 @@ impl Instance for ProcessInstance {
         // Kernels in the group may outlive the agent by a moment: wait until the group is empty.
         if let Some(pgid) = self.pgid {
             for _ in 0..200 {
-                // SAFETY: signal 0 only checks for existence.
-                let alive = unsafe { libc::kill(-pgid, 0) } == 0;
-                if !alive {
+                if !group_alive(pgid) {
                     break;
                 }
                 self.kill_group();
@@ -252,6 +250,26 @@ impl Instance for ProcessInstance {
         }
         Ok(())
     }
+}
+
+/// Whether a process group still has a live (not zombie) member. `kill(-pgid, 0)` would
+/// also count zombies, which linger until whoever adopted them reaps them.
+pub fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // After "(comm)": state, ppid, pgrp, ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields.first().is_some_and(|state| *state != "Z" && *state != "X")
+            && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+    })
 }
 
 impl Drop for ProcessInstance {
@@ -314,15 +332,9 @@ mod tests {
                 .count()
         };
         assert_eq!(dirs(), 1, "one working directory");
-        // SAFETY: signal 0 only checks for existence.
-        assert_eq!(
-            unsafe { libc::kill(-pgid, 0) },
-            0,
-            "process group is running"
-        );
+        assert!(group_alive(pgid), "process group is running");
         inst.stop().await.unwrap();
-        // SAFETY: signal 0 only checks for existence.
-        assert_ne!(unsafe { libc::kill(-pgid, 0) }, 0, "process group is gone");
+        assert!(!group_alive(pgid), "process group is gone");
         assert_eq!(dirs(), 0, "working directory removed");
         assert!(matches!(
             rt.start(InstanceSpec {
