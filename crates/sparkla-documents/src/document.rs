@@ -147,4 +147,9 @@ pub trait Document: Send {
     fn side_files(&self) -> Vec<SideFile> {
         Vec::new()
     }
+    /// Files that earlier executions wrote beside the document and that the new document no
+    /// longer links (removed after it is written).
+    fn obsolete_files(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }

@@ -659,6 +659,13 @@ pub async fn execute(opts: ExecuteOptions) -> Result<Report, Error> {
             }
             write_atomic(&t, &rendered)?;
             report.written.push(t);
+            // Figures of earlier runs that the document no longer links (only files named
+            // as this crate names figures, in the document's figure directory).
+            for old in doc.obsolete_files() {
+                if !report.written.contains(&old) {
+                    let _ = std::fs::remove_file(&old);
+                }
+            }
         }
     }
     Ok(report)

@@ -433,6 +433,64 @@ impl Document for Markdown {
     fn side_files(&self) -> Vec<SideFile> {
         self.side.clone()
     }
+
+    fn obsolete_files(&self) -> Vec<PathBuf> {
+        let Images::Files { dir, link_prefix } = &self.images else {
+            return Vec::new();
+        };
+        let linked = |body: &str| -> Vec<PathBuf> {
+            body.lines()
+                .filter_map(|l| {
+                    let l = l.trim_end();
+                    let target = l
+                        .strip_prefix("![")?
+                        .split_once("](")?
+                        .1
+                        .strip_suffix(')')?;
+                    let name = target
+                        .strip_prefix(link_prefix.as_str())?
+                        .strip_prefix('/')?;
+                    is_figure_name(name).then(|| dir.join(name))
+                })
+                .collect()
+        };
+        let new: Vec<PathBuf> = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                linked(
+                    b.fresh
+                        .as_ref()
+                        .or(b.stored.as_ref())
+                        .map_or("", String::as_str),
+                )
+            })
+            .collect();
+        self.blocks
+            .iter()
+            .filter(|b| b.fresh.is_some())
+            .flat_map(|b| linked(b.stored.as_deref().unwrap_or("")))
+            .filter(|p| !new.contains(p))
+            .collect()
+    }
+}
+
+/// Whether a file name is one this module gives figures: `chunk-<n>-<k>-<12 hex>.<ext>`.
+fn is_figure_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("chunk-") else {
+        return false;
+    };
+    let Some((stem, ext)) = rest.rsplit_once('.') else {
+        return false;
+    };
+    let parts: Vec<&str> = stem.split('-').collect();
+    parts.len() == 3
+        && parts[0].chars().all(|c| c.is_ascii_digit())
+        && parts[1].chars().all(|c| c.is_ascii_digit())
+        && parts[2].len() == 12
+        && parts[2].chars().all(|c| c.is_ascii_hexdigit())
+        && !ext.is_empty()
+        && !name.contains('/')
 }
 
 #[cfg(test)]
@@ -488,6 +546,36 @@ mod tests {
         let text = String::from_utf8(third.render()).unwrap();
         assert_eq!(text.matches(OUTPUT_START).count(), 2);
         assert!(text.contains("bye") && !text.contains("```text\nhi"));
+    }
+
+    #[test]
+    fn replaced_figures_are_obsolete_and_kept_ones_are_not() {
+        let images = Images::Files {
+            dir: PathBuf::from("/d/doc_files"),
+            link_prefix: "doc_files".into(),
+        };
+        let old = "```python\nplot()\n```\n\n<!-- sparkla:output -->\n![Figure 1.1](doc_files/chunk-1-1-aaaaaaaaaaaa.png)\n\n![x](doc_files/mine.png)\n\n<!-- sparkla:end -->\n\n```python\nplot()\n```\n\n<!-- sparkla:output -->\n![Figure 2.1](doc_files/chunk-2-1-bbbbbbbbbbbb.png)\n\n<!-- sparkla:end -->\n";
+        let mut md = Markdown::parse(old.into(), images, PathBuf::from("/d"));
+        assert!(
+            md.obsolete_files().is_empty(),
+            "nothing executed, nothing obsolete"
+        );
+        let r = ChunkResult {
+            items: vec![Item::Value(
+                json!({"type":"ImageObject","contentUrl":"data:image/png;base64,aGk="}),
+            )],
+            errors: vec![],
+            duration: 0.0,
+            node: json!({}),
+        };
+        md.apply(0, &r);
+        assert_eq!(
+            md.obsolete_files(),
+            vec![PathBuf::from("/d/doc_files/chunk-1-1-aaaaaaaaaaaa.png")],
+            "the replaced figure only: not the user's file, not chunk 2's"
+        );
+        assert!(is_figure_name("chunk-1-1-aaaaaaaaaaaa.png"));
+        assert!(!is_figure_name("chunk-1-1-../x.png") && !is_figure_name("mine.png"));
     }
 
     #[test]

@@ -35,27 +35,54 @@ fn skip_cli(test: &str) -> Option<PathBuf> {
     c
 }
 
+/// The pids of the `sparkla-execute` processes this test binary started.
+static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Run the command to completion, remembering its pid (its sessions are `execute-<pid>-…`).
+fn run(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    STARTED.lock().unwrap().push(child.id());
+    child.wait_with_output().unwrap()
+}
+
+/// Session cgroups of `sparkla execute` runs started by this test binary (runs of other
+/// processes, e.g. the same tests from another checkout, are not ours to judge).
+fn our_sessions() -> Vec<PathBuf> {
+    let pids = STARTED.lock().unwrap().clone();
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|h| {
+            std::fs::read_dir(h.path().join("sparkla-execute"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            pids.iter()
+                .any(|p| name.starts_with(&format!("execute-{p}-")))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 fn no_sessions_left() {
     for _ in 0..250 {
-        let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|h| {
-                std::fs::read_dir(h.path().join("sparkla-execute"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-            })
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.path())
-            .collect();
-        if left.is_empty() {
+        if our_sessions().is_empty() {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("a session cgroup of sparkla execute was left behind");
+    panic!(
+        "sessions of sparkla execute left behind: {:?}",
+        our_sessions()
+    );
 }
 
 const DOC: &str =
@@ -70,11 +97,7 @@ fn stdout_exit_statuses_and_check() {
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("doc.md");
     std::fs::write(&doc, DOC).unwrap();
-    let out = Command::new(&cmd)
-        .arg(&doc)
-        .arg("--quiet")
-        .output()
-        .unwrap();
+    let out = run(Command::new(&cmd).arg(&doc).arg("--quiet"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -93,18 +116,9 @@ fn stdout_exit_statuses_and_check() {
     );
 
     // Execute in place, then check: reproduces (exit 0); tampered: exit 1, chunk named.
-    let st = Command::new(&cmd)
-        .arg(&doc)
-        .arg("--in-place")
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let out = Command::new(&cmd)
-        .arg(&doc)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let st = run(Command::new(&cmd).arg(&doc).arg("--in-place"));
+    assert!(st.status.success());
+    let out = run(Command::new(&cmd).arg(&doc).arg("--check"));
     assert!(
         out.status.success(),
         "{}",
@@ -117,11 +131,7 @@ fn stdout_exit_statuses_and_check() {
         executed.replace("```text\n42\n```", "```text\n41\n```"),
     )
     .unwrap();
-    let out = Command::new(&cmd)
-        .arg(&doc)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let out = run(Command::new(&cmd).arg(&doc).arg("--check"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -139,7 +149,7 @@ fn stdout_exit_statuses_and_check() {
         "```python\n1/0\n```\n\n```python\nprint('skipped')\n```\n",
     )
     .unwrap();
-    let out = Command::new(&cmd).arg(&bad).output().unwrap();
+    let out = run(Command::new(&cmd).arg(&bad));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -149,7 +159,7 @@ fn stdout_exit_statuses_and_check() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ZeroDivisionError"));
     let nb = dir.path().join("broken.ipynb");
     std::fs::write(&nb, "{\"cells\": [}").unwrap();
-    let out = Command::new(&cmd).arg(&nb).output().unwrap();
+    let out = run(Command::new(&cmd).arg(&nb));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -175,6 +185,7 @@ fn ctrl_c_leaves_the_input_intact() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    STARTED.lock().unwrap().push(child.id());
     // Ctrl-C while the slow chunk most likely runs; whenever it lands (starting the session,
     // the first chunk), the outcome must be the same: exit 130, nothing written.
     std::thread::sleep(Duration::from_secs(2));
@@ -215,6 +226,7 @@ fn the_next_run_reclaims_the_session_of_a_killed_run() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    STARTED.lock().unwrap().push(child.id());
     let prefix = format!("execute-{}-", child.id());
     let sessions = || -> Vec<PathBuf> {
         std::fs::read_dir("/sys/fs/cgroup")
@@ -250,7 +262,7 @@ fn the_next_run_reclaims_the_session_of_a_killed_run() {
 
     let quick = dir.path().join("quick.md");
     std::fs::write(&quick, "```bash\necho ok\n```\n").unwrap();
-    let out = Command::new(&cmd).arg(&quick).output().unwrap();
+    let out = run(Command::new(&cmd).arg(&quick));
     assert!(
         out.status.success(),
         "{}",

@@ -283,6 +283,41 @@ async fn markdown_report_mixing_python_and_bash_round_trips() {
     let without_provenance = |s: &str| s[..s.find(markdown::PROVENANCE_START).unwrap()].to_string();
     assert_eq!(without_provenance(&twice), without_provenance(&once));
 
+    let figures = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path().join("executed_files"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(figures().len(), 1, "the same figure, not a second one");
+
+    // A changed figure replaces the old file (the user's own files there stay).
+    std::fs::write(dir.path().join("executed_files/mine.png"), b"user file").unwrap();
+    let before = figures();
+    let changed = twice.replace("ax.bar(range(5), values)", "ax.bar(range(5), values[::-1])");
+    let changed_doc = dir.path().join("executed.md");
+    std::fs::write(&changed_doc, &changed).unwrap();
+    let mut opts = options(&changed_doc, "md", 2);
+    opts.output = Output::InPlace;
+    execute(opts).await.expect("re-execute a changed figure");
+    let after = figures();
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after.contains(&"mine.png".to_string()));
+    assert!(
+        after.iter().all(|f| !before.contains(f) || f == "mine.png"),
+        "{before:?} -> {after:?}"
+    );
+    let current = std::fs::read_to_string(&changed_doc).unwrap();
+    std::fs::write(&changed_doc, current.replace("values[::-1]", "values")).unwrap();
+    let mut opts = options(&changed_doc, "md", 2);
+    opts.output = Output::InPlace;
+    execute(opts).await.expect("back to the original figure");
+    assert_eq!(figures(), before);
+    let twice = std::fs::read_to_string(&output).unwrap();
+
     // And it reproduces.
     let mut opts = options(&output, "md", 2);
     opts.check = true;

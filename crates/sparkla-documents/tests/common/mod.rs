@@ -41,10 +41,21 @@ pub const UID_COUNT: u32 = 65_536;
 /// Sessions per test runtime.
 pub const ID_SLOTS: u32 = 16;
 
+/// Test slots per process (0..SLOTS).
+pub const SLOTS: u32 = 9;
+
 /// A host id window per test, away from the runtime tests' (100_000_000 + …) and from
-/// `sparkla execute`'s (400_000_000 + …).
+/// `sparkla execute`'s (400_000_000 + …), and (by pid) from the same tests run at the same
+/// time from another checkout on this machine.
 pub fn id_base(slot: u32) -> u32 {
-    3_500_000_000 + slot * ID_SLOTS * UID_COUNT
+    assert!(slot < SLOTS);
+    let lane = std::process::id() % 32;
+    3_500_000_000 + (lane * SLOTS + slot) * ID_SLOTS * UID_COUNT
+}
+
+/// The cgroup parent of a test's runtime (its own per process).
+pub fn parent(name: &str) -> String {
+    format!("sparkla-test-documents-{name}-{}", std::process::id())
 }
 
 /// A sandbox runtime of its own for one test.
@@ -52,8 +63,8 @@ pub fn runtime(name: &str, slot: u32) -> Arc<SandboxRuntime> {
     let config = SandboxConfig {
         launcher: sibling_binary("sparkla-sandbox"),
         agent: agent_path(),
-        state_dir: PathBuf::from(format!("/run/sparkla-test/documents-{name}")),
-        cgroup_parent: format!("sparkla-test-documents-{name}"),
+        state_dir: PathBuf::from(format!("/run/sparkla-test/{}", parent(name))),
+        cgroup_parent: parent(name),
         cgroup_nest: false,
         host_id_base: id_base(slot),
         id_slots: ID_SLOTS,
