@@ -110,7 +110,7 @@ pub fn processes_in_uid_range(base: u32, count: u32) -> Vec<String> {
 
 fn leftovers(name: &str, slot: u32) -> Vec<String> {
     let mut left = processes_in_uid_range(id_base(slot), ID_SLOTS * UID_COUNT);
-    let parent = format!("sparkla-test-documents-{name}");
+    let parent = parent(name);
     for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
@@ -139,7 +139,7 @@ pub async fn assert_no_leftovers(name: &str, slot: u32) {
         left = leftovers(name, slot);
     }
     assert!(left.is_empty(), "left behind: {left:#?}");
-    let parent = format!("sparkla-test-documents-{name}");
+    let parent = parent(name);
     for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
@@ -147,6 +147,7 @@ pub async fn assert_no_leftovers(name: &str, slot: u32) {
     {
         let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
     }
+    let _ = std::fs::remove_dir_all(format!("/run/sparkla-test/{parent}"));
 }
 
 /// The real interpreter with nbformat (Debian's python3-nbformat).
