@@ -115,7 +115,7 @@ fn main() {
             agent.announce();
             let mut input = BufReader::with_capacity(64 * 1024, std::io::stdin());
             if !agent.serve(&mut input, opts.max_line) {
-                agent.drain();
+                agent.drain(libc::STDOUT_FILENO);
             }
             agent.shutdown();
         }

@@ -350,8 +350,13 @@ impl Agent {
 
     /// Wait until no job is running or queued (used when the host closes its end: it may
     /// still be reading the results).
-    pub fn drain(&self) {
+    /// Stops early when the host has closed its reading end too (it is gone: nobody wants
+    /// the results, and a busy kernel must not keep the session alive).
+    pub fn drain(&self, output_fd: std::os::fd::RawFd) {
         while !self.jobs.lock().expect("jobs lock").is_empty() {
+            if sys::peer_gone(output_fd) {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -57,6 +57,18 @@ pub fn poll(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<i16>> {
     }
 }
 
+/// Whether the reader of a pipe (or the peer of a socket) we write to has gone away.
+pub fn peer_gone(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 /// Send a signal to a process group.
 pub fn kill_group(pgid: i32, signal: libc::c_int) {
     if pgid > 1 {

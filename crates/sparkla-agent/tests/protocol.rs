@@ -230,6 +230,49 @@ fn end_of_input_finishes_running_jobs_then_exits() {
 }
 
 #[test]
+fn a_vanished_host_does_not_keep_a_busy_kernel_alive() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sparkla-agent"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("\"ready\""), "{line}");
+    let busy = json!({"jsonrpc":"2.0","id":1,"method":"execute","params":{"node":
+        {"type":"CodeChunk","programmingLanguage":"python","text":"while True: pass"}}});
+    writeln!(stdin, "{busy}").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kernels = loop {
+        let k = children_of(child.id() as i32);
+        if !k.is_empty() {
+            break k;
+        }
+        assert!(Instant::now() < deadline, "no kernel started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The host goes away: both of its pipe ends close.
+    drop(stdin);
+    drop(stdout);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept running for its busy kernel"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in kernels {
+        assert!(!alive(pid), "kernel {pid} outlived the agent");
+    }
+}
+
+#[test]
 fn orphans_are_reaped() {
     let mut a = AgentProc::start();
     // A double fork orphans `sleep`, which is re-parented to the agent (a subreaper).

@@ -132,7 +132,11 @@ impl AgentClient {
             }
         };
         if let Err(e) = written {
-            self.shared.pending.lock().expect("pending lock").remove(&id);
+            self.shared
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&id);
             return Err(AgentError::Closed(format!("write failed: {e}")));
         }
         let mut closed = self.closed.clone();

@@ -267,7 +267,9 @@ pub fn group_alive(pgid: i32) -> bool {
             return false;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields.first().is_some_and(|state| *state != "Z" && *state != "X")
+        fields
+            .first()
+            .is_some_and(|state| *state != "Z" && *state != "X")
             && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
     })
 }
