@@ -528,7 +528,15 @@ pub const GENERATED_ETC: &[&str] = &["passwd", "group", "hosts", "hostname", "re
 /// programs need from the host's /etc ([`HOST_ETC`]) and symlinks to the per-session
 /// generated files. Made once per runtime start (so a session binds one directory instead
 /// of a dozen files); replaced atomically.
+///
+/// Copying takes up to a second on a busy host, so a skeleton made from the same host files
+/// (same paths, sizes, modification times and link targets) is reused.
 pub fn prepare_etc_skeleton(dir: &Path) -> std::io::Result<()> {
+    let stamp_file = dir.with_extension("stamp");
+    let stamp = etc_stamp();
+    if dir.is_dir() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(());
+    }
     let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
@@ -543,7 +551,47 @@ pub fn prepare_etc_skeleton(dir: &Path) -> std::io::Result<()> {
         symlink(format!("/.sparkla/etc/{name}"), tmp.join(name))?;
     }
     let _ = fs::remove_dir_all(dir);
-    fs::rename(&tmp, dir)
+    fs::rename(&tmp, dir)?;
+    fs::write(&stamp_file, stamp)
+}
+
+/// A fingerprint of the host files the /etc skeleton copies.
+fn etc_stamp() -> String {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    fn walk(path: &Path, h: &mut std::collections::hash_map::DefaultHasher) {
+        let Ok(meta) = fs::symlink_metadata(path) else {
+            return;
+        };
+        (
+            path,
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.mode(),
+        )
+            .hash(h);
+        if meta.file_type().is_symlink() {
+            fs::read_link(path).ok().hash(h);
+        } else if meta.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            names.sort();
+            for p in names {
+                walk(&p, h);
+            }
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for name in HOST_ETC {
+        walk(&Path::new("/etc").join(name), &mut h);
+    }
+    GENERATED_ETC.hash(&mut h);
+    format!("{:016x}\n", h.finish())
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {

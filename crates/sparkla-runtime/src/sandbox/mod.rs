@@ -586,7 +586,10 @@ impl Runtime for SandboxRuntime {
             }
             if let Ok(rd) = std::fs::read_dir(&state_dir) {
                 for e in rd.flatten() {
-                    if e.file_name() != "root" && e.file_name() != "etc" {
+                    if !["root", "etc", "etc.stamp"]
+                        .iter()
+                        .any(|n| e.file_name() == *n)
+                    {
                         let p = e.path();
                         let _ = if p.is_dir() {
                             std::fs::remove_dir_all(&p)
