@@ -31,11 +31,8 @@
 //!   not used (optional in the issue; off).
 
 use super::vsock;
-use super::VmShape;
-use crate::{
-    BoxRead, BoxWrite, Instance, InstanceSpec, InstanceState, Limits, Runtime, RuntimeError,
-    SweepReport,
-};
+use super::{VmInstance, VmShape};
+use crate::{Instance, InstanceSpec, Limits, Runtime, RuntimeError, SweepReport};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -748,13 +745,14 @@ impl Runtime for FirecrackerRuntime {
             })?;
         tracing::debug!(session_id = %spec.session_id, restored = snapshot.is_some(), ms = started.elapsed().as_millis() as u64, home = %home.display(), "firecracker VM started");
         let (r, w) = stream.into_split();
-        Ok(Box::new(FirecrackerInstance {
-            session_id: spec.session_id,
-            home: Some(home),
-            child: tokio::sync::Mutex::new(child),
-            exited: std::sync::Mutex::new(None),
-            stream: std::sync::Mutex::new(Some((Box::new(r), Box::new(w)))),
-        }))
+        Ok(Box::new(VmInstance::new(
+            "firecracker",
+            "firecracker.out",
+            spec.session_id,
+            home,
+            child,
+            (Box::new(r), Box::new(w)),
+        )))
     }
 
     async fn sweep(&self) -> Result<SweepReport, RuntimeError> {
@@ -768,97 +766,6 @@ impl Runtime for FirecrackerRuntime {
 }
 
 /// One session's Firecracker VM.
-pub struct FirecrackerInstance {
-    session_id: String,
-    home: Option<PathBuf>,
-    child: tokio::sync::Mutex<Child>,
-    exited: std::sync::Mutex<Option<String>>,
-    /// In a mutex only to make the instance `Sync`.
-    stream: std::sync::Mutex<Option<(BoxRead, BoxWrite)>>,
-}
-
-impl FirecrackerInstance {
-    /// The VM's home directory (until stopped).
-    pub fn home(&self) -> Option<&Path> {
-        self.home.as_deref()
-    }
-
-    /// A client of this VM's API socket.
-    pub fn api(&self) -> Option<ApiClient> {
-        self.home
-            .as_ref()
-            .map(|h| ApiClient::new(h.join("api.sock")))
-    }
-}
-
-#[async_trait]
-impl Instance for FirecrackerInstance {
-    fn session_id(&self) -> &str {
-        &self.session_id
-    }
-
-    fn take_stream(&mut self) -> Option<(BoxRead, BoxWrite)> {
-        self.stream.get_mut().map(Option::take).unwrap_or(None)
-    }
-
-    async fn state(&self) -> InstanceState {
-        if let Some(reason) = self.exited.lock().expect("exited lock").clone() {
-            return InstanceState::Exited { reason };
-        }
-        let mut child = self.child.lock().await;
-        match child.try_wait() {
-            Ok(None) => InstanceState::Running,
-            Ok(Some(status)) => {
-                let reason = format!("the VM ended (firecracker {status})");
-                *self.exited.lock().expect("exited lock") = Some(reason.clone());
-                InstanceState::Exited { reason }
-            }
-            Err(e) => InstanceState::Exited {
-                reason: format!("VM state unknown: {e}"),
-            },
-        }
-    }
-
-    async fn oom_kills(&self) -> u64 {
-        self.home
-            .as_ref()
-            .map(|h| super::oom_kills_in(&h.join("firecracker.out")))
-            .unwrap_or(0)
-    }
-
-    async fn stop(&mut self) -> Result<(), RuntimeError> {
-        self.take_stream();
-        {
-            let mut child = self.child.lock().await;
-            let _ = child.kill().await;
-            let _ = child.wait().await;
-        }
-        self.exited
-            .lock()
-            .expect("exited lock")
-            .get_or_insert_with(|| "stopped".into());
-        if let Some(home) = self.home.take() {
-            if let Err(e) = std::fs::remove_dir_all(&home) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(RuntimeError::io(format!("removing {}", home.display()), e));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for FirecrackerInstance {
-    fn drop(&mut self) {
-        if let Some(home) = self.home.take() {
-            // SIGKILL through tokio's handle (which reaps it): never a raw pid that may
-            // have been reaped and reused.
-            let _ = self.child.get_mut().start_kill();
-            let _ = std::fs::remove_dir_all(home);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

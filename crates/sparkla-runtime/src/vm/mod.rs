@@ -22,9 +22,11 @@ pub mod guest;
 pub mod qemu;
 pub mod vsock;
 
-use crate::{Limits, RuntimeError, SweepReport};
+use crate::{BoxRead, BoxWrite, Instance, InstanceState, Limits, RuntimeError, SweepReport};
+use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::process::Child;
 
 /// Prefix of VM home directories (`/tmp/vm-<id>`, as in the original README).
 pub const HOME_PREFIX: &str = "vm-";
@@ -311,5 +313,115 @@ mod tests {
         );
         assert!(!a.exists());
         assert!(base.path().join("vm-other").exists());
+    }
+}
+
+/// One session's VM, whichever VMM runs it: the VMM process, the VM's home directory and
+/// the byte stream to the agent inside.
+pub struct VmInstance {
+    /// `qemu` or `firecracker`, for messages.
+    vmm: &'static str,
+    /// The guest console's log in the home, where OOM kills are counted.
+    console: &'static str,
+    session_id: String,
+    home: Option<PathBuf>,
+    child: tokio::sync::Mutex<Child>,
+    exited: std::sync::Mutex<Option<String>>,
+    /// In a mutex only to make the instance `Sync`.
+    stream: std::sync::Mutex<Option<(BoxRead, BoxWrite)>>,
+}
+
+impl VmInstance {
+    pub(crate) fn new(
+        vmm: &'static str,
+        console: &'static str,
+        session_id: String,
+        home: PathBuf,
+        child: Child,
+        stream: (BoxRead, BoxWrite),
+    ) -> Self {
+        Self {
+            vmm,
+            console,
+            session_id,
+            home: Some(home),
+            child: tokio::sync::Mutex::new(child),
+            exited: std::sync::Mutex::new(None),
+            stream: std::sync::Mutex::new(Some(stream)),
+        }
+    }
+
+    /// The VM's home directory (until stopped).
+    pub fn home(&self) -> Option<&Path> {
+        self.home.as_deref()
+    }
+}
+
+#[async_trait]
+impl Instance for VmInstance {
+    fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    fn take_stream(&mut self) -> Option<(BoxRead, BoxWrite)> {
+        self.stream.get_mut().map(Option::take).unwrap_or(None)
+    }
+
+    async fn state(&self) -> InstanceState {
+        if let Some(reason) = self.exited.lock().expect("exited lock").clone() {
+            return InstanceState::Exited { reason };
+        }
+        let mut child = self.child.lock().await;
+        match child.try_wait() {
+            Ok(None) => InstanceState::Running,
+            Ok(Some(status)) => {
+                let reason = format!("the VM ended ({} {status})", self.vmm);
+                *self.exited.lock().expect("exited lock") = Some(reason.clone());
+                InstanceState::Exited { reason }
+            }
+            Err(e) => InstanceState::Exited {
+                reason: format!("VM state unknown: {e}"),
+            },
+        }
+    }
+
+    async fn oom_kills(&self) -> u64 {
+        self.home
+            .as_ref()
+            .map(|h| oom_kills_in(&h.join(self.console)))
+            .unwrap_or(0)
+    }
+
+    async fn stop(&mut self) -> Result<(), RuntimeError> {
+        self.take_stream();
+        {
+            let mut child = self.child.lock().await;
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+        self.exited
+            .lock()
+            .expect("exited lock")
+            .get_or_insert_with(|| "stopped".into());
+        if let Some(home) = self.home.take() {
+            if let Err(e) = std::fs::remove_dir_all(&home) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(RuntimeError::io(format!("removing {}", home.display()), e));
+                }
+            }
+        }
+        tracing::debug!(session_id = %self.session_id, vmm = self.vmm, "VM stopped");
+        Ok(())
+    }
+}
+
+impl Drop for VmInstance {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            // SIGKILL through tokio's handle (which reaps it): never a raw pid that may
+            // have been reaped and reused.
+            let _ = self.child.get_mut().start_kill();
+            let _ = std::fs::remove_dir_all(home);
+        }
     }
 }

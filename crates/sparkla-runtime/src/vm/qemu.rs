@@ -18,11 +18,8 @@
 //!   server left.
 
 use super::guest::GuestImage;
-use super::VmShape;
-use crate::{
-    BoxRead, BoxWrite, Instance, InstanceSpec, InstanceState, Limits, Runtime, RuntimeError,
-    SweepReport,
-};
+use super::{VmInstance, VmShape};
+use crate::{Instance, InstanceSpec, Limits, Runtime, RuntimeError, SweepReport};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -391,13 +388,14 @@ impl Runtime for QemuRuntime {
             Err(e) => return Err(fail(&home, e)),
         };
         let (r, w) = stream.into_split();
-        Ok(Box::new(QemuInstance {
-            session_id: spec.session_id,
-            home: Some(home),
-            child: tokio::sync::Mutex::new(child),
-            exited: std::sync::Mutex::new(None),
-            stream: std::sync::Mutex::new(Some((Box::new(r), Box::new(w)))),
-        }))
+        Ok(Box::new(VmInstance::new(
+            "qemu",
+            "console.log",
+            spec.session_id,
+            home,
+            child,
+            (Box::new(r), Box::new(w)),
+        )))
     }
 
     async fn sweep(&self) -> Result<SweepReport, RuntimeError> {
@@ -406,92 +404,6 @@ impl Runtime for QemuRuntime {
         tokio::task::spawn_blocking(move || super::sweep_homes(&base, &prefix))
             .await
             .map_err(|e| RuntimeError::io("sweeping VM homes", std::io::Error::other(e)))
-    }
-}
-
-/// One session's VM.
-pub struct QemuInstance {
-    session_id: String,
-    home: Option<PathBuf>,
-    child: tokio::sync::Mutex<Child>,
-    exited: std::sync::Mutex<Option<String>>,
-    /// In a mutex only to make the instance `Sync`.
-    stream: std::sync::Mutex<Option<(BoxRead, BoxWrite)>>,
-}
-
-impl QemuInstance {
-    /// The VM's home directory (until stopped).
-    pub fn home(&self) -> Option<&Path> {
-        self.home.as_deref()
-    }
-}
-
-#[async_trait]
-impl Instance for QemuInstance {
-    fn session_id(&self) -> &str {
-        &self.session_id
-    }
-
-    fn take_stream(&mut self) -> Option<(BoxRead, BoxWrite)> {
-        self.stream.get_mut().map(Option::take).unwrap_or(None)
-    }
-
-    async fn state(&self) -> InstanceState {
-        if let Some(reason) = self.exited.lock().expect("exited lock").clone() {
-            return InstanceState::Exited { reason };
-        }
-        let mut child = self.child.lock().await;
-        match child.try_wait() {
-            Ok(None) => InstanceState::Running,
-            Ok(Some(status)) => {
-                let reason = format!("the VM ended (qemu {status})");
-                *self.exited.lock().expect("exited lock") = Some(reason.clone());
-                InstanceState::Exited { reason }
-            }
-            Err(e) => InstanceState::Exited {
-                reason: format!("VM state unknown: {e}"),
-            },
-        }
-    }
-
-    async fn oom_kills(&self) -> u64 {
-        self.home
-            .as_ref()
-            .map(|h| super::oom_kills_in(&h.join("console.log")))
-            .unwrap_or(0)
-    }
-
-    async fn stop(&mut self) -> Result<(), RuntimeError> {
-        self.take_stream();
-        {
-            let mut child = self.child.lock().await;
-            let _ = child.kill().await;
-            let _ = child.wait().await;
-        }
-        self.exited
-            .lock()
-            .expect("exited lock")
-            .get_or_insert_with(|| "stopped".into());
-        if let Some(home) = self.home.take() {
-            if let Err(e) = std::fs::remove_dir_all(&home) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(RuntimeError::io(format!("removing {}", home.display()), e));
-                }
-            }
-        }
-        tracing::debug!(session_id = %self.session_id, "qemu VM stopped");
-        Ok(())
-    }
-}
-
-impl Drop for QemuInstance {
-    fn drop(&mut self) {
-        if let Some(home) = self.home.take() {
-            // SIGKILL through tokio's handle (which reaps it): never a raw pid that may
-            // have been reaped and reused.
-            let _ = self.child.get_mut().start_kill();
-            let _ = std::fs::remove_dir_all(home);
-        }
     }
 }
 
