@@ -464,6 +464,9 @@ pub fn manager_for(config: &Config, runtime: Arc<dyn sparkla_runtime::Runtime>) 
             sparkla_runtime::PoolConfig {
                 size: config.pool_size,
                 ready_timeout: mc.start_timeout,
+                // Let a new session's first executions have the CPU before its replacement
+                // starts (measured: begin + execute + end 6 ms instead of 16 ms at p50).
+                refill_delay: std::time::Duration::from_millis(100),
                 ..Default::default()
             },
         );
