@@ -8,8 +8,8 @@ use crate::sys;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sparkla_protocol::agent::{
-    self, method, AgentStatus, CancelParams, ExecuteParams, KernelStatus, LanguageInfo, Output,
-    Ready, Stream, WarmupParams,
+    method, AgentStatus, CancelParams, ExecuteParams, KernelStatus, LanguageInfo, Output, Ready,
+    Stream, WarmupParams,
 };
 use sparkla_protocol::jsonrpc::{ErrorObject, Id, Notification, Request, Response};
 use sparkla_protocol::CodeError;
@@ -770,9 +770,6 @@ fn read_line(input: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> std::io:
         }
     }
 }
-
-#[allow(dead_code)]
-const _: usize = agent::MAX_LINE;
 
 #[cfg(test)]
 mod tests {
