@@ -218,7 +218,8 @@ fn execute(
             return std::process::ExitCode::from(2);
         }
     };
-    init_tracing(config.debug);
+    // The command's own progress and summary say what happened; logs only for trouble.
+    init_tracing_at(config.debug, "warn");
     if let Err(e) = agent_build::ensure_built("sparkla-agent", &["-p", "sparkla-agent"]) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
@@ -240,11 +241,16 @@ fn execute(
 }
 
 fn init_tracing(debug: bool) {
+    init_tracing_at(debug, "info");
+}
+
+/// Logging to stderr: `level` unless `--debug`, and `SPARKLA_LOG` / `RUST_LOG` override both.
+fn init_tracing_at(debug: bool, level: &str) {
     use tracing_subscriber::EnvFilter;
     let default = if debug {
         "debug,hyper=info,tungstenite=info,tokio_tungstenite=info"
     } else {
-        "info"
+        level
     };
     let filter = EnvFilter::try_from_env("SPARKLA_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
