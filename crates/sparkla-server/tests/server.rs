@@ -389,6 +389,11 @@ async fn every_error_code() {
             .starts_with("Session is inactive."),
         "{out}"
     );
+    // Server error: a begin that arrives while the server is shutting down.
+    server.manager().shutdown().await;
+    let r = a.call_raw("begin", json!({"node": session()})).await;
+    assert_eq!(r["error"]["code"], -32000, "{r}");
+    assert_eq!(r["error"]["message"], "Server is shutting down", "{r}");
     server.shutdown().await.unwrap();
 }
 
