@@ -201,17 +201,19 @@ async fn run() {
 
     // The sandbox runtime in the same run (needs root).
     let launcher = PathBuf::from(env!("CARGO_BIN_EXE_sparkla-sandbox"));
+    let state_dir = PathBuf::from(format!("/run/sparkla-bench-{}", std::process::id()));
     let config = SandboxConfig {
         launcher: Some(launcher),
-        state_dir: PathBuf::from(format!("/run/sparkla-bench-{}", std::process::id())),
+        state_dir: state_dir.clone(),
         cgroup_parent: format!("sparkla-bench-{}", std::process::id()),
         cgroup_nest: false,
         host_id_base: 3_000_000,
         ..Default::default()
     };
     match SandboxRuntime::new(config) {
-        Ok(sb) => {
-            let sb: Arc<dyn Runtime> = Arc::new(sb);
+        Ok(sandbox) => {
+            let sandbox = Arc::new(sandbox);
+            let sb: Arc<dyn Runtime> = sandbox.clone();
             cold(sb.as_ref(), 2, "sb-warmup").await;
             let (f, t) = cold(sb.as_ref(), n, "sb-cold").await;
             rows.push(Row {
@@ -232,6 +234,9 @@ async fn run() {
                 samples: t,
             });
             let _ = sb.sweep().await;
+            // Leave no cgroup parent or state directory of this run behind.
+            let _ = sandbox.cgroups().remove_parent();
+            let _ = std::fs::remove_dir_all(&state_dir);
         }
         Err(e) => {
             eprintln!("\n******** SKIPPED: sandbox rows because {e} ********\n");

@@ -266,56 +266,6 @@ pub fn oom_kills_in(console_log: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shape_from_limits() {
-        let s = VmShape::from_limits(
-            &Limits {
-                cpu_cores: Some(1.5),
-                memory_bytes: Some(256 << 20),
-                pids: Some(100),
-                scratch_bytes: None,
-            },
-            &Limits::default(),
-        );
-        assert_eq!(s.vcpus, 2);
-        assert_eq!(s.memory_mib, 256);
-        assert_eq!(s.scratch_bytes, DEFAULT_SCRATCH);
-        assert_eq!(
-            s.cmdline("vsock:1024"),
-            format!("sparkla.listen=vsock:1024 sparkla.scratch={DEFAULT_SCRATCH} sparkla.pids=100")
-        );
-        let d = VmShape::from_limits(&Limits::default(), &Limits::default());
-        assert_eq!((d.vcpus, d.memory_mib), (1, 512));
-    }
-
-    #[test]
-    fn ids_are_safe() {
-        assert_eq!(safe_id("a/b c-1"), "a_b_c-1");
-        assert!(vm_id("x").starts_with("x-"));
-        assert_ne!(vm_id("x"), vm_id("x"));
-    }
-
-    #[test]
-    fn sweep_removes_homes_and_only_matching_ones() {
-        let base = tempfile::tempdir().unwrap();
-        let a = create_home(base.path(), "t1-a").unwrap();
-        std::fs::write(a.join(PID_FILE), "999999999").unwrap();
-        create_home(base.path(), "other").unwrap();
-        let r = sweep_homes(base.path(), "t1-");
-        assert_eq!(r.directories, 1);
-        assert_eq!(
-            r.processes, 0,
-            "a pid that runs no VMM of that home is never killed"
-        );
-        assert!(!a.exists());
-        assert!(base.path().join("vm-other").exists());
-    }
-}
-
 /// One session's VM, whichever VMM runs it: the VMM process, the VM's home directory and
 /// the byte stream to the agent inside.
 pub struct VmInstance {
@@ -423,5 +373,55 @@ impl Drop for VmInstance {
             let _ = self.child.get_mut().start_kill();
             let _ = std::fs::remove_dir_all(home);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_from_limits() {
+        let s = VmShape::from_limits(
+            &Limits {
+                cpu_cores: Some(1.5),
+                memory_bytes: Some(256 << 20),
+                pids: Some(100),
+                scratch_bytes: None,
+            },
+            &Limits::default(),
+        );
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.memory_mib, 256);
+        assert_eq!(s.scratch_bytes, DEFAULT_SCRATCH);
+        assert_eq!(
+            s.cmdline("vsock:1024"),
+            format!("sparkla.listen=vsock:1024 sparkla.scratch={DEFAULT_SCRATCH} sparkla.pids=100")
+        );
+        let d = VmShape::from_limits(&Limits::default(), &Limits::default());
+        assert_eq!((d.vcpus, d.memory_mib), (1, 512));
+    }
+
+    #[test]
+    fn ids_are_safe() {
+        assert_eq!(safe_id("a/b c-1"), "a_b_c-1");
+        assert!(vm_id("x").starts_with("x-"));
+        assert_ne!(vm_id("x"), vm_id("x"));
+    }
+
+    #[test]
+    fn sweep_removes_homes_and_only_matching_ones() {
+        let base = tempfile::tempdir().unwrap();
+        let a = create_home(base.path(), "t1-a").unwrap();
+        std::fs::write(a.join(PID_FILE), "999999999").unwrap();
+        create_home(base.path(), "other").unwrap();
+        let r = sweep_homes(base.path(), "t1-");
+        assert_eq!(r.directories, 1);
+        assert_eq!(
+            r.processes, 0,
+            "a pid that runs no VMM of that home is never killed"
+        );
+        assert!(!a.exists());
+        assert!(base.path().join("vm-other").exists());
     }
 }
