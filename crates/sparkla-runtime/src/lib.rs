@@ -162,3 +162,12 @@ pub trait Instance: Send + Sync {
     /// Kill everything in the instance and reclaim every resource it took.
     async fn stop(&mut self) -> Result<(), RuntimeError>;
 }
+
+/// Find a sibling binary of the current executable (also one level up, for `deps/`).
+pub fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}

@@ -30,15 +30,7 @@ pub fn find_agent() -> Option<PathBuf> {
         let p = PathBuf::from(p);
         return p.is_file().then_some(p);
     }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
-        let candidate = d.join("sparkla-agent");
-        if candidate.is_file() {
-            return Some(candidate);
-        }
-    }
-    None
+    crate::sibling_binary("sparkla-agent")
 }
 
 /// Runs each session's agent as a child process, without isolation.

@@ -117,14 +117,7 @@ fn unavailable(reason: impl Into<String>) -> RuntimeError {
     }
 }
 
-/// Find a sibling binary of the current executable (also one level up, for `deps/`).
-pub fn sibling_binary(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [dir.join(name), dir.parent()?.join(name)]
-        .into_iter()
-        .find(|p| p.is_file())
-}
+pub use crate::sibling_binary;
 
 /// The built-in sandbox runtime.
 pub struct SandboxRuntime {

@@ -31,7 +31,7 @@
 //!   not used (optional in the issue; off).
 
 use super::vsock;
-use super::{VmInstance, VmShape};
+use super::{tail, VmInstance, VmShape};
 use crate::{Instance, InstanceSpec, Limits, Runtime, RuntimeError, SweepReport};
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -684,15 +684,6 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
-}
-
-/// The last lines of a log file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(8).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 #[async_trait]

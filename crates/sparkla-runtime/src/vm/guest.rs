@@ -55,14 +55,7 @@ pub fn find_init() -> Option<PathBuf> {
         let p = PathBuf::from(p);
         return p.is_file().then_some(p);
     }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    let found = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("sparkla-guest-init"))
-        .find(|p| p.is_file());
-    found
+    crate::sibling_binary("sparkla-guest-init")
 }
 
 /// The files of a built guest image.

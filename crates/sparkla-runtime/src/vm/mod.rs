@@ -266,6 +266,15 @@ pub fn oom_kills_in(console_log: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The last lines of a log file, for error messages.
+pub(crate) fn tail(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(8).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
 /// One session's VM, whichever VMM runs it: the VMM process, the VM's home directory and
 /// the byte stream to the agent inside.
 pub struct VmInstance {

@@ -18,7 +18,7 @@
 //!   server left.
 
 use super::guest::GuestImage;
-use super::{VmInstance, VmShape};
+use super::{tail, VmInstance, VmShape};
 use crate::{Instance, InstanceSpec, Limits, Runtime, RuntimeError, SweepReport};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -315,15 +315,6 @@ pub fn host_tsc_khz() -> u64 {
         .map(|mhz| (mhz * 1000.0).round() as u64)
         .filter(|k| *k > 100_000)
         .unwrap_or(2_000_000)
-}
-
-/// The last lines of a log file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(8).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 #[async_trait]
